@@ -1,0 +1,1 @@
+"""cryoflow: cryo-EM data acquisition pipeline (microscope share -> GPFS -> cluster pre-processing)."""

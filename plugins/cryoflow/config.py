@@ -1,0 +1,265 @@
+"""Facility and microscope configuration: YAML files in ``config/``, validated on load.
+
+Why pydantic models here: a mistyped key in a microscope file must stop the DAG processor with an
+error that names the file, the key and what is wrong, not surface hours later inside a task.
+String values may refer to the environment as ``${VAR}`` or ``${VAR:-default}`` so one shipped
+configuration serves the production stack (Docker secrets/env) and the embedded demo alike.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from cryoflow.compute.settings import ComputeBackend
+from cryoflow.share.layout import Layout
+
+CONFIG_DIR_ENV = "CRYOFLOW_CONFIG_DIR"
+FACILITY_FILE = "facility.yaml"
+MICROSCOPES_DIR = "microscopes"
+
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+SAFE_ID = r"^[a-z][a-z0-9_]{0,39}$"
+
+
+class ConfigError(ValueError):
+    """A configuration file is missing, unreadable or invalid; the message names file and key."""
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --------------------------------------------------------------------------- facility
+
+
+class StorageConfig(_Model):
+    gpfs_root: Path = Field(description="Long-term storage root; sessions go to <root>/<year>/<session>.")
+    ledger_url: str = Field(description="SQLAlchemy URL of the session ledger database.")
+
+
+class PermissionsConfig(_Model):
+    dir_mode: int = Field(0o2770, description="Session directories: setgid, group rwx, no world.")
+    file_mode: int = Field(0o0640, description="Copied files: owner rw, group r, no world.")
+    acl: Literal["auto", "off", "required"] = Field(
+        "auto", description="Collaborator ACLs: 'auto' applies them where the filesystem can."
+    )
+
+    @field_validator("dir_mode", "file_mode", mode="before")
+    @classmethod
+    def _octal(cls, value: Any) -> int:
+        if isinstance(value, str):
+            try:
+                return int(value, 8)
+            except ValueError as exc:
+                raise ValueError(f"not an octal mode: {value!r}") from exc
+        return value
+
+    @field_validator("dir_mode", "file_mode")
+    @classmethod
+    def _no_world(cls, value: int) -> int:
+        if value & 0o007:
+            raise ValueError(f"mode {value:o} grants world access; experiment data must not")
+        return value
+
+
+class TransferConfig(_Model):
+    chunk_mib: int = Field(8, ge=1, le=256, description="Copy buffer size.")
+    settle_seconds: float = Field(
+        30.0, gt=0, description="A file is complete once size and mtime stayed unchanged this long."
+    )
+    poll_seconds: float = Field(10.0, gt=0, description="Share scan interval.")
+    batch_max_files: int = Field(200, ge=1, le=1024, description="Most files in one batch run.")
+    batch_window_seconds: float = Field(
+        60.0, ge=0, description="Wait this long after the first ready file to fill a batch."
+    )
+
+
+class SoftwareStep(_Model):
+    binary: str = Field(description="Executable on the compute nodes (or a built-in engine).")
+    backend: str = Field(description="Name of a compute backend in 'compute'.")
+    modules: list[str] = Field(default_factory=list, description="`module load` lines.")
+    version: str | None = None
+
+
+class FacilityConfig(_Model):
+    name: str
+    storage: StorageConfig
+    permissions: PermissionsConfig = PermissionsConfig()
+    transfer: TransferConfig = TransferConfig()
+    compute: dict[str, ComputeBackend] = Field(default_factory=dict)
+    software: dict[Literal["motioncor2", "ctffind", "dogpicker"], SoftwareStep] = Field(
+        default_factory=dict
+    )
+
+    @model_validator(mode="after")
+    def _backends_exist(self) -> FacilityConfig:
+        for step, cfg in self.software.items():
+            if cfg.backend not in self.compute:
+                known = ", ".join(sorted(self.compute)) or "none defined"
+                raise ValueError(
+                    f"software.{step}.backend: unknown compute backend {cfg.backend!r} ({known})"
+                )
+        return self
+
+
+# --------------------------------------------------------------------------- microscope
+
+
+class ShareConfig(_Model):
+    kind: Literal["cifs"] = Field(
+        "cifs", description="'cifs': a mounted share read as a local path (SMB direct comes later)."
+    )
+    path: Path
+    exclude: list[str] = Field(default_factory=list, description="Extra glob patterns to ignore.")
+    settle_seconds: float | None = Field(None, gt=0, description="Overrides transfer.settle_seconds.")
+
+
+class DetectorConfig(_Model):
+    name: str
+    movie_format: Literal["tiff", "eer", "mrc"]
+    pixel_size_A: float = Field(gt=0.1, lt=20)
+    super_resolution: bool = False
+    frames: int = Field(40, ge=1, le=2000, description="Frames (or EER fractions) per movie.")
+    dose_per_frame: float = Field(1.0, gt=0, lt=50, description="e/Å² per frame.")
+    gain_reference: str | None = Field(
+        None, description="Gain reference file name (glob) within the session folder."
+    )
+
+
+class OpticsConfig(_Model):
+    kv: float = Field(300.0, ge=60, le=400)
+    cs_mm: float = Field(2.7, ge=0, le=10)
+    amp_contrast: float = Field(0.07, ge=0, lt=1)
+
+
+class ProcessingDefaults(_Model):
+    motioncor: bool = True
+    ctf: bool = True
+    picking: bool = True
+    particle_diameter_A: float = Field(150.0, gt=10, lt=2000)
+
+
+class SessionDefaults(_Model):
+    idle_timeout_minutes: float = Field(
+        60.0, gt=0, description="End the session after this long without a new file."
+    )
+    max_hours: float = Field(96.0, gt=0, description="Hard end of a session.")
+
+
+class MicroscopeConfig(_Model):
+    id: Annotated[str, Field(pattern=SAFE_ID, description="Short id; the DAG is session_<id>.")]
+    name: str
+    description: str = ""
+    layout: Layout
+    share: ShareConfig
+    detector: DetectorConfig
+    optics: OpticsConfig = OpticsConfig()
+    processing: ProcessingDefaults = ProcessingDefaults()
+    session: SessionDefaults = SessionDefaults()
+    tags: list[str] = Field(default_factory=list)
+
+
+class SiteConfig(_Model):
+    """Everything loaded from one config directory."""
+
+    facility: FacilityConfig
+    microscopes: dict[str, MicroscopeConfig]
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def expand_env(value: Any, *, where: str = "") -> Any:
+    """Replace ``${VAR}`` / ``${VAR:-default}`` in every string of a loaded YAML tree."""
+    if isinstance(value, str):
+
+        def repl(match: re.Match[str]) -> str:
+            name, default = match.group(1), match.group(2)
+            if name in os.environ:
+                return os.environ[name]
+            if default is not None:
+                return default
+            raise ConfigError(f"{where}: environment variable {name} is not set and has no default")
+
+        return _ENV_REF.sub(repl, value)
+    if isinstance(value, dict):
+        return {k: expand_env(v, where=f"{where}.{k}" if where else str(k)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [expand_env(v, where=f"{where}[{i}]") for i, v in enumerate(value)]
+    return value
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read ({exc.strerror})") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    try:
+        return expand_env(data)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def _format_validation(path: Path, exc: ValidationError) -> str:
+    lines = [f"{path}: {exc.error_count()} invalid setting(s)"]
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        given = err.get("input")
+        shown = "" if isinstance(given, dict | list) or given is None else f" (given: {given!r})"
+        lines.append(f"  {key}: {err['msg']}{shown}")
+    return "\n".join(lines)
+
+
+def _validate(model: type[_Model], path: Path, data: dict[str, Any]) -> Any:
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation(path, exc)) from None
+
+
+def load_facility(path: Path) -> FacilityConfig:
+    """Load and validate the facility file."""
+    return _validate(FacilityConfig, path, _read_yaml(path))
+
+
+def load_microscope(path: Path) -> MicroscopeConfig:
+    """Load and validate one microscope file; its ``id`` must match the file name."""
+    scope = _validate(MicroscopeConfig, path, _read_yaml(path))
+    if scope.id != path.stem:
+        raise ConfigError(f"{path}: id: {scope.id!r} must equal the file name {path.stem!r}")
+    return scope
+
+
+def config_dir() -> Path:
+    """The configuration directory: ``$CRYOFLOW_CONFIG_DIR`` or the bundle's own ``config/``."""
+    env = os.environ.get(CONFIG_DIR_ENV)
+    return Path(env) if env else Path(__file__).resolve().parents[2] / "config"
+
+
+def load_site(directory: Path | None = None) -> SiteConfig:
+    """Load the facility file and every ``microscopes/*.yaml`` of a config directory."""
+    directory = directory or config_dir()
+    facility = load_facility(directory / FACILITY_FILE)
+    scopes_dir = directory / MICROSCOPES_DIR
+    files = sorted(scopes_dir.glob("*.yaml")) + sorted(scopes_dir.glob("*.yml"))
+    if not files:
+        raise ConfigError(f"{scopes_dir}: no microscope files (*.yaml)")
+    microscopes: dict[str, MicroscopeConfig] = {}
+    for path in files:
+        scope = load_microscope(path)
+        if scope.id in microscopes:
+            raise ConfigError(f"{path}: id: {scope.id!r} is already used by another microscope")
+        microscopes[scope.id] = scope
+    return SiteConfig(facility=facility, microscopes=microscopes)

@@ -1,0 +1,245 @@
+"""Image file I/O shared by the engines: movie/micrograph reading, atomic writing, previews.
+
+Why one module: every engine must refuse the same broken inputs with the same clear errors, and
+must never leave a half-written file under its final name (a watcher or the next DAG task could
+pick it up). Writers here go to a temp name in the same directory and ``os.replace`` it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+__all__ = [
+    "ImageReadError",
+    "MovieInfo",
+    "atomic_path",
+    "movie_kind",
+    "open_movie",
+    "read_image",
+    "write_mrc",
+    "write_preview",
+]
+
+MRC_SUFFIXES = {".mrc", ".mrcs", ".st"}
+TIFF_SUFFIXES = {".tif", ".tiff"}
+EER_SUFFIXES = {".eer"}
+
+
+class ImageReadError(ValueError):
+    """An input image is missing, of the wrong type, or damaged; the message names the file."""
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temp path beside ``path``; on success rename it over ``path``, else delete it."""
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".part", dir=final.parent)
+    os.close(fd)
+    try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual mode
+        yield Path(tmp)
+        os.replace(tmp, final)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def _umask() -> int:
+    """The process umask, read without changing it (os.umask would race other threads)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    return 0o022
+
+
+def write_mrc(path: str | os.PathLike, data: np.ndarray, pixel_size_A: float | None = None) -> None:
+    """Write a 2-D image or a 3-D stack as MRC, atomically; sets the pixel size when given."""
+    import mrcfile
+
+    data = np.ascontiguousarray(data)
+    if data.dtype == np.uint8:  # MRC has no unsigned 8-bit mode (mode 0 is int8)
+        data = data.astype(np.uint16)
+    elif data.dtype == np.float64:
+        data = data.astype(np.float32)
+    with atomic_path(path) as tmp, mrcfile.new(tmp, overwrite=True) as mrc:
+        mrc.set_data(data)
+        if data.ndim == 3:
+            mrc.set_image_stack()
+        if pixel_size_A:
+            mrc.voxel_size = float(pixel_size_A)
+
+
+def movie_kind(path: str | os.PathLike) -> str:
+    """'mrc', 'tiff' or 'eer' from the file name; anything else is refused."""
+    suffix = Path(path).suffix.lower()
+    if suffix in MRC_SUFFIXES:
+        return "mrc"
+    if suffix in TIFF_SUFFIXES:
+        return "tiff"
+    if suffix in EER_SUFFIXES:
+        return "eer"
+    raise ImageReadError(f"{path}: unsupported file type {suffix!r} (expected MRC, TIFF or EER)")
+
+
+class MovieInfo:
+    """A lazily read movie: ``shape`` (n, ny, nx), ``pixel_size_A`` (None if unknown), frames.
+
+    Frames are read one at a time (``frame(i)`` returns float32) so a 40-frame K3 movie never
+    needs to be held twice. Use as a context manager.
+    """
+
+    def __init__(self, path: Path, kind: str) -> None:
+        self.path = path
+        self.kind = kind
+        self._mrc = None
+        self._tif = None
+        self.pixel_size_A: float | None = None
+        if kind == "mrc":
+            self._open_mrc()
+        else:
+            self._open_tiff()
+
+    def _open_mrc(self) -> None:
+        import mrcfile
+
+        try:
+            self._mrc = mrcfile.mmap(self.path, mode="r", permissive=False)
+        except (ValueError, OSError, EOFError) as exc:
+            raise ImageReadError(f"{self.path}: not a readable MRC file ({exc})") from exc
+        data = self._mrc.data
+        if data is None:
+            raise ImageReadError(f"{self.path}: MRC file holds no data")
+        arr = data if data.ndim == 3 else data[None]
+        if arr.ndim != 3:
+            raise ImageReadError(f"{self.path}: expected a 2-D image or a stack, got {data.shape}")
+        self._arr = arr
+        self.shape = tuple(int(v) for v in arr.shape)
+        vs = float(self._mrc.voxel_size.x)
+        self.pixel_size_A = vs if vs > 0 else None
+
+    def _open_tiff(self) -> None:
+        import tifffile
+
+        try:
+            self._tif = tifffile.TiffFile(self.path)
+            pages = self._tif.pages
+            n = len(pages)
+            first = pages.first if hasattr(pages, "first") else pages[0]
+            if n == 0:
+                raise ImageReadError(f"{self.path}: TIFF file has no pages")
+            shape = first.shape
+        except ImageReadError:
+            raise
+        except Exception as exc:  # tifffile raises many kinds for damaged files
+            raise ImageReadError(f"{self.path}: not a readable TIFF file ({exc})") from exc
+        if len(shape) != 2:
+            raise ImageReadError(f"{self.path}: TIFF pages must be 2-D images, got {shape}")
+        self.shape = (n, int(shape[0]), int(shape[1]))
+
+    def frame(self, i: int) -> np.ndarray:
+        """Frame ``i`` as float32 (a truncated or damaged frame raises ImageReadError)."""
+        try:
+            if self.kind == "mrc":
+                return np.array(self._arr[i], dtype=np.float32)
+            page = self._tif.pages[i]
+            arr = page.asarray()
+        except ImageReadError:
+            raise
+        except Exception as exc:
+            raise ImageReadError(f"{self.path}: cannot read frame {i} ({exc})") from exc
+        if arr.shape != self.shape[1:]:
+            raise ImageReadError(
+                f"{self.path}: frame {i} has shape {arr.shape}, frame 0 has {self.shape[1:]}"
+            )
+        return arr.astype(np.float32, copy=False)
+
+    def close(self) -> None:
+        if self._mrc is not None:
+            self._mrc.close()
+        if self._tif is not None:
+            self._tif.close()
+
+    def __enter__(self) -> MovieInfo:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_movie(path: str | os.PathLike, expected_kind: str | None = None) -> MovieInfo:
+    """Open a movie, checking that it exists, is the expected kind and is not truncated.
+
+    EER is refused: no package on the registry we use decodes EER honestly (see the engine docs).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ImageReadError(f"{path}: no such file")
+    kind = movie_kind(path)
+    if expected_kind is not None and kind != expected_kind:
+        raise ImageReadError(f"{path}: is a {kind.upper()} file by name, expected {expected_kind}")
+    if kind == "eer":
+        raise ImageReadError(
+            f"{path}: EER movies are not supported by the built-in engine; "
+            "run the real MotionCor2 (-InEer) for EER data"
+        )
+    _check_magic(path, kind)
+    return MovieInfo(path, kind)
+
+
+def _check_magic(path: Path, kind: str) -> None:
+    """Refuse a file whose content is not what its name says (before a library misreads it)."""
+    with open(path, "rb") as fh:
+        head = fh.read(1024)
+    if kind == "tiff":
+        if head[:4] not in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
+            raise ImageReadError(f"{path}: named as TIFF but does not start with a TIFF header")
+    elif kind == "mrc" and (len(head) < 1024 or head[208:211] != b"MAP"):
+        raise ImageReadError(
+            f"{path}: not an MRC file (short header or no 'MAP' label at byte 208)"
+        )
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """A single 2-D image (gain reference, micrograph) from MRC or TIFF, as float32."""
+    with open_movie(path) as mov:
+        if mov.shape[0] != 1:
+            raise ImageReadError(f"{path}: expected one image, found a stack of {mov.shape[0]}")
+        return mov.frame(0)
+
+
+def write_preview(
+    path: str | os.PathLike, image: np.ndarray, max_size: int = 1024, quality: int = 85
+) -> None:
+    """A downsampled 8-bit PNG/JPEG (by extension) of ``image`` for dashboards, atomically.
+
+    Downsampling is block averaging (which also suppresses shot noise); contrast is clipped at
+    the 0.5 and 99.5 percentiles so a few hot pixels or ice crystals do not grey out the picture.
+    """
+    from PIL import Image
+
+    img = np.asarray(image, dtype=np.float32)
+    factor = max(1, int(np.ceil(max(img.shape) / max_size)))
+    if factor > 1:
+        ny, nx = (img.shape[0] // factor) * factor, (img.shape[1] // factor) * factor
+        img = img[:ny, :nx].reshape(ny // factor, factor, nx // factor, factor).mean(axis=(1, 3))
+    lo, hi = np.percentile(img, [0.5, 99.5])
+    scaled = np.clip((img - lo) / (hi - lo if hi > lo else 1.0), 0.0, 1.0)
+    pil = Image.fromarray((scaled * 255.0 + 0.5).astype(np.uint8), mode="L")
+    suffix = Path(path).suffix.lower()
+    fmt = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}.get(suffix)
+    if fmt is None:
+        raise ValueError(f"{path}: preview must be .png, .jpg or .jpeg")
+    with atomic_path(path) as tmp:
+        pil.save(tmp, format=fmt, **({"quality": quality} if fmt == "JPEG" else {}))

@@ -1,0 +1,704 @@
+"""Built-in whole-frame motion correction: a CPU stand-in for MotionCor2 with its flags and logs.
+
+Why: the pipeline must run (and be tested) where no GPU or MotionCor2 licence exists. This engine
+reads the same inputs, takes the same flags and writes the same outputs (aligned sum, ``_DW``
+sum, ``-LogDir`` shift logs) so the rest of the pipeline cannot tell which one ran.
+
+Algorithm (MotionCor2's global alignment, Zheng et al. 2017):
+
+1. Each frame is gain-corrected (``raw * gain``; ``-RotGain`` then ``-FlipGain`` applied to the
+   reference first, exactly as MotionCor2 does), Fourier transformed once, and kept as a spectrum
+   cropped to the output grid (``-FtBin``).
+2. Alignment runs on a further crop of those spectra (MotionCor2's "xcf" grid: the shorter side
+   binned to at most 2048 px, then cut where the ``-Bft`` low-pass has fallen below 1e-4, which
+   loses nothing the filter keeps). Every iteration builds the aligned sum, correlates each frame
+   with the sum of all *other* frames (so a frame's own shot noise cannot pull the peak to zero),
+   finds the sub-pixel peak by a 3-point Gaussian fit, and updates all shifts at once. It stops
+   when the largest update is below ``-Tol`` px (after at least two iterations) or at ``-Iter``.
+3. The sums are formed in Fourier space with exact sub-pixel phase shifts; the dose-weighted sum
+   uses Grant & Grigorieff's (2015) critical exposure with noise-power restoring normalisation.
+
+Shift convention (as in MotionCor2's logs): the shift of frame ``i`` is where its content sits
+relative to the reference frame (``-FmRef``, default the central frame ``n // 2``), in input
+pixels: ``frame_i(r) = frame_ref(r - shift_i)``; the reference frame's shift is (0, 0) and the sum
+is registered to it. :mod:`cryoflow.engines.synthetic` uses the same sign for its drift.
+
+Not done (honestly): EER input (refused, see :func:`cryoflow.engines.imageio.open_movie`),
+local (patch) motion *correction* (``-Patch`` measures and logs per-patch residual motion in
+MotionCor2's ``-Patch-*.log`` layout but the sum is corrected with global shifts only), defect
+maps, magnification distortion, dark references, gain references of a different size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import scipy.fft as sfft
+
+from cryoflow.engines.imageio import (
+    ImageReadError,
+    atomic_path,
+    open_movie,
+    read_image,
+    write_mrc,
+    write_preview,
+)
+
+__all__ = [
+    "MotionCorError",
+    "MotionCorParams",
+    "MotionCorResult",
+    "align_spectra",
+    "critical_exposure",
+    "log_stem",
+    "main",
+    "run",
+    "transform_gain",
+]
+
+WORKERS = os.cpu_count() or 1
+
+
+class MotionCorError(ValueError):
+    """A parameter or input the engine cannot work with; the message says which and why."""
+
+
+@dataclass
+class MotionCorParams:
+    """MotionCor2's options that this engine honours (names follow the flags)."""
+
+    in_path: Path
+    out_mrc: Path
+    gain: Path | None = None
+    rot_gain: int = 0
+    flip_gain: int = 0
+    pixel_size_A: float | None = None
+    kv: float = 300.0
+    fm_dose: float | None = None
+    init_dose: float = 0.0
+    patch: tuple[int, int] = (0, 0)
+    iterations: int = 7
+    tolerance_px: float = 0.5
+    bfactor: tuple[float, float] = (500.0, 150.0)
+    ft_bin: float = 1.0
+    log_dir: Path | None = None
+    fm_ref: int = -1
+    throw: int = 0
+    trunc: int = 0
+    preview: bool = True
+
+    def validate(self) -> None:
+        """Refuse impossible values before any file is read (fail fast, name the flag)."""
+        if self.rot_gain not in (0, 1, 2, 3):
+            raise MotionCorError(f"-RotGain must be 0, 1, 2 or 3, got {self.rot_gain}")
+        if self.flip_gain not in (0, 1, 2):
+            raise MotionCorError(f"-FlipGain must be 0, 1 or 2, got {self.flip_gain}")
+        if self.pixel_size_A is not None and not self.pixel_size_A > 0:
+            raise MotionCorError(f"-PixSize must be > 0, got {self.pixel_size_A}")
+        if self.fm_dose is not None and not self.fm_dose > 0:
+            raise MotionCorError(f"-FmDose must be > 0, got {self.fm_dose}")
+        if self.init_dose < 0:
+            raise MotionCorError(f"-InitDose must be >= 0, got {self.init_dose}")
+        if self.fm_dose is not None and not 200.0 <= self.kv <= 300.0:
+            raise MotionCorError(
+                f"-kV {self.kv}: dose weighting has a published critical-exposure model only for "
+                "200-300 kV (Grant & Grigorieff 2015)"
+            )
+        if self.iterations < 1:
+            raise MotionCorError(f"-Iter must be >= 1, got {self.iterations}")
+        if not self.tolerance_px > 0:
+            raise MotionCorError(f"-Tol must be > 0, got {self.tolerance_px}")
+        if any(b < 0 for b in self.bfactor):
+            raise MotionCorError(f"-Bft must be >= 0, got {self.bfactor}")
+        if not self.ft_bin >= 1.0:
+            raise MotionCorError(f"-FtBin must be >= 1, got {self.ft_bin}")
+        if any(p < 0 for p in self.patch) or (self.patch[0] > 1) != (self.patch[1] > 1):
+            raise MotionCorError(f"-Patch needs two values both > 1 (or 0 0), got {self.patch}")
+        if self.throw < 0 or self.trunc < 0:
+            raise MotionCorError(f"-Throw/-Trunc must be >= 0, got {self.throw}/{self.trunc}")
+        out_suffix = Path(self.out_mrc).suffix.lower()
+        if out_suffix not in (".mrc", ".mrcs"):
+            raise MotionCorError(f"-OutMrc {self.out_mrc}: output must be an .mrc file")
+
+
+@dataclass
+class MotionCorResult:
+    """What one run produced: shifts (n, 2) (x, y) input px relative to ``ref_frame``, and files."""
+
+    shifts_px: np.ndarray
+    ref_frame: int
+    iterations: int
+    converged: bool
+    errors_px: list[float]
+    sum_path: Path
+    dw_path: Path | None = None
+    log_paths: list[Path] = field(default_factory=list)
+    preview_path: Path | None = None
+    pixel_size_A: float | None = None
+    seconds: float = 0.0
+    patch_shifts: np.ndarray | None = None  # (n_frames, n_patches, 2) residual local shifts
+    patch_centres: np.ndarray | None = None  # (n_patches, 2) (x, y) output px
+
+
+# --------------------------------------------------------------------------- Fourier helpers
+
+
+def _even(n: float) -> int:
+    return max(2, int(round(n / 2.0)) * 2)
+
+
+def crop_rfft(spec: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Crop an rfft2 spectrum of a (ny, nx) image to the spectrum of an (my, mx) image (even).
+
+    Fourier cropping is exact binning without aliasing: what it keeps is unchanged.
+    """
+    my, mx = shape
+    ny = spec.shape[-2]
+    if my == ny and mx // 2 + 1 == spec.shape[-1]:
+        return spec
+    h = my // 2
+    out = np.empty(spec.shape[:-2] + (my, mx // 2 + 1), dtype=spec.dtype)
+    out[..., :h, :] = spec[..., :h, : mx // 2 + 1]
+    out[..., h:, :] = spec[..., ny - h :, : mx // 2 + 1]
+    return out
+
+
+def _ramp_1d(n: int, shift: float, half: bool) -> np.ndarray:
+    k = np.fft.rfftfreq(n) if half else np.fft.fftfreq(n)
+    return np.exp(-2j * np.pi * k * shift).astype(np.complex64)
+
+
+def phase_ramp(shape: tuple[int, int], dx: float, dy: float) -> tuple[np.ndarray, np.ndarray]:
+    """Separable factors (column, row) of the rfft2 phase ramp moving content by (dx, dy)."""
+    ny, nx = shape
+    return _ramp_1d(ny, dy, False)[:, None], _ramp_1d(nx, dx, True)[None, :]
+
+
+def _freq2(shape: tuple[int, int]) -> np.ndarray:
+    """|f|^2 in cycles/px on the rfft2 grid of ``shape``."""
+    fy = np.fft.fftfreq(shape[0]).astype(np.float32)
+    fx = np.fft.rfftfreq(shape[1]).astype(np.float32)
+    return fy[:, None] ** 2 + fx[None, :] ** 2
+
+
+def critical_exposure(k_inv_A: np.ndarray, kv: float) -> np.ndarray:
+    """Grant & Grigorieff (2015) critical exposure (e/A^2) at spatial frequency k (1/A).
+
+    Ne(k) = 0.245 k^-1.665 + 2.81 at 300 kV; scaled by 0.8 at 200 kV (linear in between).
+    """
+    scale = 0.8 + 0.2 * (kv - 200.0) / 100.0
+    with np.errstate(divide="ignore"):
+        ne = 0.24499 * np.power(k_inv_A, -1.6649) + 2.8141
+    return (ne * scale).astype(np.float32)
+
+
+# --------------------------------------------------------------------------- gain
+
+
+def transform_gain(gain: np.ndarray, rot_gain: int, flip_gain: int) -> np.ndarray:
+    """Apply MotionCor2's -RotGain then -FlipGain to a gain reference array (rows = y).
+
+    MotionCor2 rotates "counter-clockwise" with y pointing up (MRC display); on an array whose
+    row 0 is shown at the top that is a clockwise turn, i.e. ``np.rot90(gain, -rot_gain)`` (the
+    same as RELION's "clockwise in relion_display"). -FlipGain 1 flips upside down (rows),
+    2 left-right (columns).
+    """
+    out = np.rot90(gain, -rot_gain)
+    if flip_gain == 1:
+        out = out[::-1, :]
+    elif flip_gain == 2:
+        out = out[:, ::-1]
+    return np.ascontiguousarray(out, dtype=np.float32)
+
+
+def load_gain(params: MotionCorParams, frame_shape: tuple[int, int]) -> np.ndarray | None:
+    """Read, orient and check the gain reference against the movie's frame size."""
+    if params.gain is None:
+        return None
+    try:
+        gain = read_image(params.gain)
+    except ImageReadError as exc:
+        raise MotionCorError(f"-Gain: {exc}") from exc
+    gain = transform_gain(gain, params.rot_gain, params.flip_gain)
+    if gain.shape != frame_shape:
+        raise MotionCorError(
+            f"-Gain {params.gain}: size {gain.shape[1]}x{gain.shape[0]} (after -RotGain "
+            f"{params.rot_gain} -FlipGain {params.flip_gain}) does not match the movie frames "
+            f"{frame_shape[1]}x{frame_shape[0]}"
+        )
+    if not np.all(np.isfinite(gain)):
+        raise MotionCorError(f"-Gain {params.gain}: contains NaN or infinite values")
+    if np.all(gain == 0):
+        raise MotionCorError(f"-Gain {params.gain}: is all zeros")
+    return gain
+
+
+# --------------------------------------------------------------------------- alignment
+
+
+def _subpixel(c_m: float, c_0: float, c_p: float) -> float:
+    """Offset of a peak from 3 samples: Gaussian fit (exact for Gaussian peaks), else parabola."""
+    if c_m > 0 and c_0 > 0 and c_p > 0:
+        lm, l0, lp = math.log(c_m), math.log(c_0), math.log(c_p)
+        den = lm - 2.0 * l0 + lp
+        if den < 0:
+            return float(np.clip(0.5 * (lm - lp) / den, -1.0, 1.0))
+    den = c_m - 2.0 * c_0 + c_p
+    if den < 0:
+        return float(np.clip(0.5 * (c_m - c_p) / den, -1.0, 1.0))
+    return 0.0
+
+
+def find_peak(cc: np.ndarray, max_shift: float) -> tuple[float, float]:
+    """Sub-pixel (dx, dy) of the highest correlation within ``max_shift`` px of zero (periodic)."""
+    ny, nx = cc.shape
+    r = int(min(max_shift, ny // 2 - 2, nx // 2 - 2))
+    win = np.roll(np.roll(cc, r, axis=0), r, axis=1)[: 2 * r + 1, : 2 * r + 1]
+    iy, ix = np.unravel_index(int(np.argmax(win)), win.shape)
+    iy, ix = int(iy) - r, int(ix) - r
+    c0 = cc[iy % ny, ix % nx]
+    dy = _subpixel(cc[(iy - 1) % ny, ix % nx], c0, cc[(iy + 1) % ny, ix % nx])
+    dx = _subpixel(cc[iy % ny, (ix - 1) % nx], c0, cc[iy % ny, (ix + 1) % nx])
+    return ix + dx, iy + dy
+
+
+@dataclass
+class AlignOutcome:
+    shifts: np.ndarray  # (n, 2) in the units of the grid the spectra were cropped from
+    iterations: int
+    converged: bool
+    errors: list[float]
+
+
+def align_spectra(
+    spectra: np.ndarray,
+    grid_shape: tuple[int, int],
+    bfactor: float,
+    iterations: int,
+    tolerance: float,
+    max_shift: float | None = None,
+    binning: tuple[float, float] = (1.0, 1.0),
+) -> AlignOutcome:
+    """Iterative frame-vs-sum-of-others alignment of rfft2 ``spectra`` (n, my, mx//2+1).
+
+    ``binning`` (bx, by) converts grid px to the caller's px: returned shifts and ``tolerance``
+    are in the caller's px. ``bfactor`` is MotionCor2's -Bft in (caller's) px^2 units: the
+    correlation is low-passed by ``exp(-B f^2 / 2)`` with f in cycles per caller's pixel.
+    """
+    n = spectra.shape[0]
+    my, mx = grid_shape
+    bx, by = binning
+    f2 = (np.fft.fftfreq(my)[:, None] / by) ** 2 + (np.fft.rfftfreq(mx)[None, :] / bx) ** 2
+    filt = np.exp(-0.5 * bfactor * f2).astype(np.float32)
+    filt[0, 0] = 0.0  # no DC: the mean dose carries no position
+    if max_shift is None:
+        max_shift = min(my, mx) / 4.0
+    shifts = np.zeros((n, 2))
+    errors: list[float] = []
+    converged = False
+    aligned = np.empty_like(spectra[0])
+    it = 0
+    for it in range(1, iterations + 1):
+        ramps = [phase_ramp((my, mx), -shifts[i, 0] / bx, -shifts[i, 1] / by) for i in range(n)]
+        total = np.zeros_like(spectra[0])
+        for i in range(n):
+            total += spectra[i] * ramps[i][0] * ramps[i][1]
+        updates = np.zeros((n, 2))
+        for i in range(n):
+            np.multiply(spectra[i], ramps[i][0], out=aligned)
+            aligned *= ramps[i][1]
+            prod = aligned * np.conj(total - aligned)
+            prod *= filt
+            cc = sfft.irfft2(prod, s=(my, mx), workers=WORKERS)
+            dx, dy = find_peak(cc, max_shift)
+            updates[i] = (dx * bx, dy * by)
+        # Only relative motion is defined: keep the mean update from drifting the whole stack.
+        updates -= updates.mean(axis=0)
+        shifts += updates
+        err = float(np.max(np.hypot(updates[:, 0], updates[:, 1])))
+        errors.append(err)
+        if err < tolerance and it > 1:
+            converged = True
+            break
+    return AlignOutcome(shifts=shifts, iterations=it, converged=converged, errors=errors)
+
+
+def _xcf_bin(shape: tuple[int, int]) -> float:
+    """MotionCor2's alignment binning: the shorter side is brought down to 2048 px."""
+    return max(1.0, min(shape) / 2048.0)
+
+
+def _xcf_grid(shape: tuple[int, int], bfactor_out: float) -> tuple[int, int]:
+    """The alignment grid: a crop of ``shape`` to MotionCor2's xcf size, cut further where the
+    B-factor filter (``bfactor_out`` in px^2 of ``shape``) has fallen below 1e-4."""
+    ny, nx = shape
+    frac = 1.0 / _xcf_bin(shape)
+    if bfactor_out > 0:
+        f_cut = math.sqrt(2.0 * math.log(1e4) / bfactor_out)  # cycles per px of ``shape``
+        frac = min(frac, 2.0 * f_cut * 1.15)
+    my = sfft.next_fast_len(_even(max(ny * frac, 64)), real=True)
+    mx = sfft.next_fast_len(_even(max(nx * frac, 64)), real=True)
+    return (_even(min(my, ny)), _even(min(mx, nx)))
+
+
+# --------------------------------------------------------------------------- logs
+
+
+def log_stem(in_path: str | os.PathLike) -> str:
+    """The base name MotionCor2 gives -LogDir logs: the input file name cut at its first
+    ".mrc", ".tif" or ".eer" (case-insensitive), as MotionCor2's CAlignMain::mCreateLogFile."""
+    name = Path(in_path).name
+    low = name.lower()
+    for ext in (".mrc", ".tif", ".eer"):
+        i = low.find(ext)
+        if i >= 0:
+            return name[:i]
+    return name
+
+
+def _write_text(path: Path, text: str) -> None:
+    with atomic_path(path) as tmp, open(tmp, "w") as fh:
+        fh.write(text)
+
+
+def format_full_log(shifts: np.ndarray, patch: bool) -> str:
+    """MotionCor2's -Full.log / -Patch-Full.log text: '#' headers, then frame, x, y."""
+    head = (
+        "# Patch based alignment\n# Initial alignment based upon full frames\n\n"
+        if patch
+        else "# full frame alignment\n"
+    )
+    rows = "".join(f"{i + 1:4d}  {x:8.2f}  {y:8.2f}\n" for i, (x, y) in enumerate(shifts))
+    return head + rows
+
+
+def format_patch_logs(
+    centres: np.ndarray, pshifts: np.ndarray, size: tuple[int, int, int]
+) -> tuple[str, str]:
+    """MotionCor2's -Patch-Patch.log (per patch) and -Patch-Frame.log (per frame) texts."""
+    n_frames, n_patches = pshifts.shape[:2]
+    head = (
+        f"# Patch based alignment\n# Number of patches: {n_patches}\n"
+        "# Shifts are listed per {what}.\n"
+        f"# Movie size: {size[0]}  {size[1]}  {size[2]}\n\n"
+    )
+    per_patch = [head.format(what="patch")]
+    for p in range(n_patches):
+        per_patch.append(f"#Patch {p + 1:03d} raw and fit shifts\n")
+        cx, cy = centres[p]
+        for f in range(n_frames):
+            sx, sy = pshifts[f, p]
+            per_patch.append(f"{f + 1:4d} {cx:8.2f} {cy:8.2f} {sx:8.2f} {sy:8.2f} {0:4d}\n")
+        per_patch.append("\n")
+    per_frame = [head.format(what="frame")]
+    for f in range(n_frames):
+        for p in range(n_patches):
+            cx, cy = centres[p]
+            sx, sy = pshifts[f, p]
+            per_frame.append(f"{f + 1:4d} {cx:8.2f} {cy:8.2f} {sx:8.2f} {sy:8.2f} {0:4d}\n")
+        per_frame.append("\n")
+    return "".join(per_patch), "".join(per_frame)
+
+
+# --------------------------------------------------------------------------- main work
+
+
+def _out_shape(shape: tuple[int, int], ft_bin: float) -> tuple[int, int]:
+    ny, nx = shape
+    if ft_bin == 1.0:
+        return ny - ny % 2, nx - nx % 2
+    return _even(ny / ft_bin), _even(nx / ft_bin)
+
+
+def _measure_patches(
+    out_spec: np.ndarray,
+    out_shape: tuple[int, int],
+    shifts_out: np.ndarray,
+    patch: tuple[int, int],
+    bfactor: float,
+    iterations: int,
+    tolerance: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Residual local motion per patch after global correction (measured, not corrected)."""
+    n = out_spec.shape[0]
+    oy, ox = out_shape
+    px, py = patch
+    ph, pw = _even(oy / py), _even(ox / px)
+    centres = []
+    frames = np.empty((n, oy, ox), dtype=np.float32)
+    for i in range(n):
+        r0, r1 = phase_ramp(out_shape, -shifts_out[i, 0], -shifts_out[i, 1])
+        frames[i] = sfft.irfft2(out_spec[i] * r0 * r1, s=out_shape, workers=WORKERS)
+    pshifts = np.zeros((n, px * py, 2))
+    k = 0
+    for j in range(py):
+        for i in range(px):
+            y0 = min(j * ph, oy - ph)
+            x0 = min(i * pw, ox - pw)
+            tile = frames[:, y0 : y0 + ph, x0 : x0 + pw]
+            tile = tile - tile.mean(axis=(1, 2), keepdims=True)
+            spec = sfft.rfft2(tile, workers=WORKERS)
+            res = align_spectra(spec, (ph, pw), bfactor, iterations, tolerance, max_shift=ph / 8)
+            pshifts[:, k] = res.shifts
+            centres.append((x0 + pw / 2.0, y0 + ph / 2.0))
+            k += 1
+    del frames
+    return np.asarray(centres), pshifts
+
+
+def run(params: MotionCorParams, echo: bool = False) -> MotionCorResult:
+    """Align one movie and write the sum (+ _DW sum, logs, preview). Raises MotionCorError."""
+    t0 = time.perf_counter()
+    params.validate()
+    try:
+        movie = open_movie(params.in_path)
+    except ImageReadError as exc:
+        raise MotionCorError(str(exc)) from exc
+    with movie:
+        n_all, ny, nx = movie.shape
+        first, last = params.throw, n_all - params.trunc
+        n = last - first
+        if n < 2:
+            raise MotionCorError(
+                f"{params.in_path}: {n_all} frames, -Throw {params.throw} -Trunc {params.trunc} "
+                "leave fewer than 2 to align"
+            )
+        gain = load_gain(params, (ny, nx))
+        pixel = params.pixel_size_A or movie.pixel_size_A
+        if params.fm_dose is not None and params.pixel_size_A is None:
+            raise MotionCorError("-FmDose needs -PixSize for dose weighting")
+        out_shape = _out_shape((ny, nx), params.ft_bin)
+        oy, ox = out_shape
+        bin_out = (nx / ox, ny / oy) if params.ft_bin != 1.0 else (1.0, 1.0)
+        # Pass 1: one FFT per frame; keep the spectrum on the output grid.
+        spec = np.empty((n, oy, ox // 2 + 1), dtype=np.complex64)
+        for k, i in enumerate(range(first, last)):
+            frame = movie.frame(i)
+            if gain is not None:
+                frame *= gain
+            frame_spec = sfft.rfft2(frame, workers=WORKERS)
+            spec[k] = crop_rfft(frame_spec, out_shape)
+            del frame
+    if not np.all(np.isfinite(spec[:, 0, 0])):
+        raise MotionCorError(f"{params.in_path}: frames contain NaN or infinite values")
+
+    # Alignment on the xcf grid (a further crop), shifts returned in output px.
+    # -Bft is in px^2 of MotionCor2's binned xcf grid; convert it to output px^2.
+    bfactor_out = params.bfactor[0] * _xcf_bin(out_shape) ** 2
+    xcf = _xcf_grid(out_shape, bfactor_out)
+    xcf_bin = (ox / xcf[1], oy / xcf[0])
+    xspec = crop_rfft(spec, xcf)
+    outcome = align_spectra(
+        xspec,
+        xcf,
+        bfactor_out,
+        params.iterations,
+        params.tolerance_px / max(bin_out),
+        binning=xcf_bin,
+    )
+    del xspec
+    ref = n // 2 if params.fm_ref < 0 else min(max(params.fm_ref - 1, 0), n - 1)
+    shifts_out = outcome.shifts - outcome.shifts[ref]
+    shifts_in = shifts_out * np.array(bin_out)  # report in input px, like MotionCor2
+
+    # Sums in Fourier space (one inverse FFT each).
+    acc = np.zeros((oy, ox // 2 + 1), dtype=np.complex64)
+    dw_acc = None
+    if params.fm_dose is not None:
+        out_pixel = params.pixel_size_A * (nx / ox)  # type: ignore[operator]
+        k = np.sqrt(_freq2(out_shape)) / out_pixel
+        ne = critical_exposure(k, params.kv)
+        dose_A2 = params.fm_dose / params.pixel_size_A**2  # type: ignore[operator]
+        step = np.exp(-dose_A2 / (2.0 * ne)).astype(np.float32)  # one frame's attenuation
+        weight = np.exp(-(params.init_dose + dose_A2 * (first + 1)) / (2.0 * ne)).astype(
+            np.float32
+        )  # end of the first summed frame (pre-exposure and thrown frames included)
+        w2 = np.zeros_like(weight)
+        dw_acc = np.zeros_like(acc)
+    for i in range(n):
+        r0, r1 = phase_ramp(out_shape, -shifts_out[i, 0], -shifts_out[i, 1])
+        moved = spec[i] * r0
+        moved *= r1
+        acc += moved
+        if dw_acc is not None:
+            moved *= weight
+            dw_acc += moved
+            w2 += weight * weight
+            weight *= step
+    scale = np.float32(oy * ox / (ny * nx))
+    total = sfft.irfft2(acc, s=out_shape, workers=WORKERS).astype(np.float32) * scale
+    out_px = pixel * (nx / ox) if pixel else None
+    result = MotionCorResult(
+        shifts_px=shifts_in,
+        ref_frame=ref,
+        iterations=outcome.iterations,
+        converged=outcome.converged,
+        errors_px=[e * max(bin_out) for e in outcome.errors],
+        sum_path=Path(params.out_mrc),
+        pixel_size_A=out_px,
+    )
+    if params.patch[0] > 1:
+        centres, pshifts = _measure_patches(
+            spec,
+            out_shape,
+            shifts_out,
+            params.patch,
+            params.bfactor[1],
+            params.iterations,
+            params.tolerance_px / max(bin_out),
+        )
+        result.patch_centres, result.patch_shifts = centres, pshifts * np.array(bin_out)
+    del spec
+    write_mrc(params.out_mrc, total, out_px)
+    if dw_acc is not None:
+        # Noise-power restoring normalisation (Grant & Grigorieff 2015, eq. 9), scaled so that
+        # the DC term (weight 1 in every frame) equals the plain sum's.
+        norm = np.sqrt(n / np.maximum(w2, 1e-30)).astype(np.float32)
+        dw_acc *= norm
+        dw = sfft.irfft2(dw_acc, s=out_shape, workers=WORKERS).astype(np.float32) * scale
+        dw_path = Path(params.out_mrc).with_name(Path(params.out_mrc).stem + "_DW.mrc")
+        write_mrc(dw_path, dw, out_px)
+        result.dw_path = dw_path
+        del dw
+    if params.log_dir is not None:
+        result.log_paths = write_logs(params, result, (nx, ny, n))
+    if params.preview:
+        preview = Path(params.out_mrc).with_name(Path(params.out_mrc).stem + "_preview.png")
+        write_preview(preview, total)
+        result.preview_path = preview
+    result.seconds = time.perf_counter() - t0
+    if echo:
+        _echo(result)
+    return result
+
+
+def write_logs(params: MotionCorParams, result: MotionCorResult, size: tuple[int, int, int]):
+    """Write the shift logs under -LogDir with MotionCor2's names; returns their paths."""
+    assert params.log_dir is not None
+    base = Path(params.log_dir) / log_stem(params.in_path)
+    patch = result.patch_shifts is not None
+    paths = [Path(f"{base}-Patch-Full.log" if patch else f"{base}-Full.log")]
+    _write_text(paths[0], format_full_log(result.shifts_px, patch))
+    if patch:
+        assert result.patch_centres is not None and result.patch_shifts is not None
+        per_patch, per_frame = format_patch_logs(result.patch_centres, result.patch_shifts, size)
+        for suffix, text in (("-Patch-Patch.log", per_patch), ("-Patch-Frame.log", per_frame)):
+            paths.append(Path(f"{base}{suffix}"))
+            _write_text(paths[-1], text)
+    return paths
+
+
+def _echo(result: MotionCorResult) -> None:
+    """Print MotionCor2's stdout markers, so parsers of its console output work on ours too."""
+    for i, e in enumerate(result.errors_px):
+        print(f"Iteration {i + 1:2d}  Error: {e:9.3f}")
+    print("\nFull-frame alignment shift")
+    for i, (x, y) in enumerate(result.shifts_px):
+        print(f"...... Frame ({i + 1:3d}) shift: {x:9.3f}  {y:9.3f}")
+    print("")
+    print(f"Global shifts are corrected. Reference frame {result.ref_frame + 1}.")
+    print(f"Written: {result.sum_path}" + (f", {result.dw_path}" if result.dw_path else ""))
+    print(f"Computational time: {result.seconds:.2f} sec")
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="cryoflow-motioncor2",
+        description="CPU motion correction taking MotionCor2's flags (global alignment).",
+        allow_abbrev=False,
+    )
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("-InMrc", type=Path)
+    src.add_argument("-InTiff", type=Path)
+    src.add_argument("-InEer", type=Path)
+    p.add_argument("-OutMrc", type=Path, required=True)
+    p.add_argument("-Gain", type=Path)
+    p.add_argument("-RotGain", type=int, default=0)
+    p.add_argument("-FlipGain", type=int, default=0)
+    p.add_argument("-PixSize", type=float)
+    p.add_argument("-kV", type=float, default=300.0)
+    p.add_argument("-FmDose", type=float)
+    p.add_argument("-InitDose", type=float, default=0.0)
+    p.add_argument("-Patch", type=int, nargs="+", default=[0, 0])
+    p.add_argument("-Iter", type=int, default=7)
+    p.add_argument("-Tol", type=float, default=0.5)
+    p.add_argument("-Bft", type=float, nargs="+", default=[500.0, 150.0])
+    p.add_argument("-FtBin", type=float, default=1.0)
+    p.add_argument("-LogDir", type=Path)
+    p.add_argument("-FmRef", type=int, default=-1)
+    p.add_argument("-Throw", type=int, default=0)
+    p.add_argument("-Trunc", type=int, default=0)
+    p.add_argument("-Gpu", type=int, nargs="+", default=[0], help="accepted, ignored (CPU)")
+    p.add_argument("-Serial", type=int, default=0, help="only 0 (one movie per call)")
+    p.add_argument("-OutStack", type=int, default=0, help="only 0 (no aligned stack)")
+    p.add_argument("-Preview", type=int, default=1, help="1: write <OutMrc stem>_preview.png")
+    return p
+
+
+def params_from_args(ns: argparse.Namespace) -> MotionCorParams:
+    """Map parsed flags to parameters (refusing the MotionCor2 modes this engine lacks)."""
+    if ns.InEer is not None:
+        raise MotionCorError(
+            f"-InEer {ns.InEer}: EER is not supported by the built-in engine (no registry package "
+            "decodes EER here); use the real MotionCor2"
+        )
+    if ns.Serial != 0:
+        raise MotionCorError("-Serial 1 (batch mode) is not supported; run once per movie")
+    if ns.OutStack != 0:
+        raise MotionCorError("-OutStack 1 is not supported (no aligned frame stack is written)")
+    in_path, kind = (ns.InMrc, "mrc") if ns.InMrc is not None else (ns.InTiff, "tiff")
+    suffix = Path(in_path).suffix.lower()
+    expected = {"mrc": (".mrc", ".mrcs", ".st"), "tiff": (".tif", ".tiff")}[kind]
+    if suffix not in expected:
+        flag = "-InMrc" if kind == "mrc" else "-InTiff"
+        raise MotionCorError(f"{flag} {in_path}: expected a {'/'.join(expected)} file")
+    patch = tuple(ns.Patch[:2]) if len(ns.Patch) >= 2 else (ns.Patch[0], ns.Patch[0])
+    bft = tuple(ns.Bft[:2]) if len(ns.Bft) >= 2 else (ns.Bft[0], 150.0)
+    return MotionCorParams(
+        in_path=in_path,
+        out_mrc=ns.OutMrc,
+        gain=ns.Gain,
+        rot_gain=ns.RotGain,
+        flip_gain=ns.FlipGain,
+        pixel_size_A=ns.PixSize,
+        kv=ns.kV,
+        fm_dose=ns.FmDose,
+        init_dose=ns.InitDose,
+        patch=(int(patch[0]), int(patch[1])),
+        iterations=ns.Iter,
+        tolerance_px=ns.Tol,
+        bfactor=(float(bft[0]), float(bft[1])),
+        ft_bin=ns.FtBin,
+        log_dir=ns.LogDir,
+        fm_ref=ns.FmRef,
+        throw=ns.Throw,
+        trunc=ns.Trunc,
+        preview=bool(ns.Preview),
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console script ``cryoflow-motioncor2``: exit 0 on success, 2 on bad input or flags."""
+    ns = _parser().parse_args(argv)
+    try:
+        params = params_from_args(ns)
+        run(params, echo=True)
+    except (MotionCorError, ImageReadError) as exc:
+        print(f"cryoflow-motioncor2: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,392 @@
+#!/usr/bin/env bash
+# Bring up / tear down the real services cryoflow's cluster tests and demos talk to:
+# a single-node Slurm (slurmctld + slurmd + slurmdbd on MariaDB, so `sacct` works) with a
+# `cpu` and a `gpu` partition (fake GPUs: character devices, so CUDA_VISIBLE_DEVICES is set),
+# and an sshd on 127.0.0.1:2222 that lets the test user `cryo` in by key only.
+#
+# One script for CI, tests and developers:  scripts/services.sh up|down|status
+# Runs as root on a Debian 12 machine without systemd (PID 1 is not an init: exited daemons
+# linger as zombies, so every health check asks the service itself, never pgrep).
+#
+# State written to $CRYOFLOW_SERVICES_DIR (default /var/lib/cryoflow-services):
+#   id_ed25519 / id_ed25519.pub   the test user's key pair (private key: root only)
+#   known_hosts                   the sshd host key as "[127.0.0.1]:2222 ssh-ed25519 ..."
+#   host_key.pub                  the same key as "ssh-ed25519 AAAA..." (connection extra)
+#   airflow_conn.json / .uri      a ready Airflow SSH connection (host key checking ON)
+#   env                           shell exports (AIRFLOW_CONN_<ID>, CRYOFLOW_SLURM_*), `source`-able
+set -euo pipefail
+
+STATE_DIR="${CRYOFLOW_SERVICES_DIR:-/var/lib/cryoflow-services}"
+SSH_PORT="${CRYOFLOW_SSH_PORT:-2222}"
+SSH_USER="cryo"
+CONN_ID="${CRYOFLOW_SSH_CONN_ID:-cryoflow_slurm_ssh}"
+NODE_NAME="cryonode"
+CLUSTER_NAME="cryoflow"
+NODE_CPUS=8
+NODE_GPUS=2
+SLURM_ETC=/etc/slurm
+SSHD_CONFIG=/etc/ssh/cryoflow_sshd_config
+SSHD_PID=/run/sshd-cryoflow.pid
+PACKAGES=(munge slurmctld slurmd slurm-client slurmdbd openssh-server)
+WAIT_S=30
+
+log() { printf '[services] %s\n' "$*" >&2; }
+die() { log "ERROR: $*"; exit 1; }
+
+# --- small helpers ------------------------------------------------------------------------
+
+wait_until() {  # wait_until <seconds> <description> <command...>
+    local limit=$1 what=$2; shift 2
+    local deadline=$((SECONDS + limit))
+    until "$@" >/dev/null 2>&1; do
+        if ((SECONDS >= deadline)); then
+            log "timed out after ${limit}s waiting for: $what"
+            return 1
+        fi
+        sleep 0.2
+    done
+}
+
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+pid_alive() {  # true when the pid runs and is not a zombie
+    local pid=$1 state
+    [[ -r /proc/$pid/stat ]] || return 1
+    state=$(sed -E 's/^[0-9]+ \(.*\) ([A-Za-z]).*/\1/' "/proc/$pid/stat" 2>/dev/null) || return 1
+    [[ $state != Z && $state != X ]]
+}
+
+stop_pidfile() {  # stop_pidfile <pidfile> <expected exe basename>
+    local pidfile=$1 exe=$2 pid
+    [[ -s $pidfile ]] || return 0
+    pid=$(tr -dc '0-9' <"$pidfile")
+    if [[ -n $pid ]] && pid_alive "$pid" \
+        && [[ $(readlink -f "/proc/$pid/exe" 2>/dev/null) == *"$exe"* ]]; then
+        kill -TERM "$pid" 2>/dev/null || true
+        wait_until 15 "$exe to exit" bash -c "! [[ -r /proc/$pid/stat ]] || \
+            grep -qE '^[0-9]+ \(.*\) [ZX]' /proc/$pid/stat" || kill -KILL "$pid" 2>/dev/null || true
+    fi
+    rm -f "$pidfile"
+}
+
+mariadb_root() {  # SQL as MariaDB root: unix socket first, then TCP root without password
+    mariadb -uroot "$@" 2>/dev/null || mariadb -h127.0.0.1 -P3306 -uroot "$@"
+}
+
+urlencode() {
+    local s=$1 out='' c i
+    for ((i = 0; i < ${#s}; i++)); do
+        c=${s:i:1}
+        case $c in
+            [A-Za-z0-9.~_-]) out+=$c ;;
+            *) out+=$(printf '%%%02X' "'$c") ;;
+        esac
+    done
+    printf '%s' "$out"
+}
+
+# --- packages -------------------------------------------------------------------------------
+
+ensure_packages() {
+    local missing=() p
+    for p in "${PACKAGES[@]}"; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+    done
+    ((${#missing[@]} == 0)) && return 0
+    log "installing ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    if ! apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null; then
+        apt-get update -q >/dev/null
+        apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
+    fi
+}
+
+# --- MariaDB (accounting storage) ------------------------------------------------------------
+
+mariadb_up() {
+    if ! mariadb_root -e 'SELECT 1' >/dev/null 2>&1; then
+        log "starting MariaDB"
+        install -d -o mysql -g mysql -m 0755 /run/mysqld
+        start-stop-daemon --start --oknodo --background --chuid mysql \
+            --exec /usr/sbin/mariadbd -- --bind-address=127.0.0.1 --port=3306
+        touch "$STATE_DIR/.mariadb-started-here"
+        wait_until "$WAIT_S" "MariaDB to answer" mariadb_root -e 'SELECT 1' || die "MariaDB did not start"
+    fi
+    local pw_file="$STATE_DIR/slurmdbd-db.pw"
+    [[ -s $pw_file ]] || (umask 077 && head -c 18 /dev/urandom | base64 | tr -d '/+=' >"$pw_file")
+    local pw; pw=$(<"$pw_file")
+    mariadb_root <<SQL
+CREATE DATABASE IF NOT EXISTS slurm_acct_db;
+CREATE USER IF NOT EXISTS 'slurm'@'localhost' IDENTIFIED BY '$pw';
+CREATE USER IF NOT EXISTS 'slurm'@'127.0.0.1' IDENTIFIED BY '$pw';
+ALTER USER 'slurm'@'localhost' IDENTIFIED BY '$pw';
+ALTER USER 'slurm'@'127.0.0.1' IDENTIFIED BY '$pw';
+GRANT ALL ON slurm_acct_db.* TO 'slurm'@'localhost';
+GRANT ALL ON slurm_acct_db.* TO 'slurm'@'127.0.0.1';
+SQL
+}
+
+mariadb_down() {
+    [[ -e $STATE_DIR/.mariadb-started-here ]] || return 0  # not ours: leave it running
+    log "stopping MariaDB (started by this script)"
+    stop_pidfile /run/mysqld/mysqld.pid mariadbd
+    rm -f "$STATE_DIR/.mariadb-started-here"
+}
+
+# --- munge -------------------------------------------------------------------------------------
+
+munge_ok() { munge -n 2>/dev/null | unmunge >/dev/null 2>&1; }
+
+munge_up() {
+    install -d -o munge -g munge -m 0755 /run/munge
+    install -d -o munge -g munge -m 0700 /var/lib/munge /var/log/munge /etc/munge
+    [[ -s /etc/munge/munge.key ]] || runuser -u munge -- mungekey --create --keyfile=/etc/munge/munge.key
+    chown munge:munge /etc/munge/munge.key && chmod 0400 /etc/munge/munge.key
+    munge_ok && return 0
+    rm -f /run/munge/munge.socket.2 /run/munge/munged.pid
+    runuser -u munge -- /usr/sbin/munged
+    wait_until "$WAIT_S" "munged" munge_ok || die "munged did not start (see /var/log/munge/munged.log)"
+}
+
+munge_down() { stop_pidfile /run/munge/munged.pid munged; }
+
+# --- Slurm -------------------------------------------------------------------------------------
+
+write_slurm_configs() {
+    local host; host=$(hostname -s)
+    install -d -m 0755 "$SLURM_ETC"
+    install -d -o slurm -g slurm -m 0755 /run/slurm /var/log/slurm /var/lib/slurm \
+        /var/lib/slurm/slurmctld
+    install -d -m 0755 /var/lib/slurm/slurmd
+    local i gpu_files=()
+    for ((i = 0; i < NODE_GPUS; i++)); do
+        # GRES File= must be a character device or Slurm does not set CUDA_VISIBLE_DEVICES.
+        [[ -c /dev/cryoflow-fakegpu$i ]] || { rm -f "/dev/cryoflow-fakegpu$i"; mknod -m 0666 "/dev/cryoflow-fakegpu$i" c 1 3; }
+        gpu_files+=("/dev/cryoflow-fakegpu$i")
+    done
+    local tmp
+    tmp=$(mktemp "$SLURM_ETC/.slurm.conf.XXXXXX")
+    cat >"$tmp" <<CONF
+# Written by cryoflow scripts/services.sh: single-node test cluster. Do not edit by hand.
+ClusterName=$CLUSTER_NAME
+SlurmctldHost=$host(127.0.0.1)
+SlurmUser=slurm
+AuthType=auth/munge
+SlurmctldPort=6817
+SlurmdPort=6818
+StateSaveLocation=/var/lib/slurm/slurmctld
+SlurmdSpoolDir=/var/lib/slurm/slurmd
+SlurmctldPidFile=/run/slurm/slurmctld.pid
+SlurmdPidFile=/run/slurm/slurmd.pid
+SlurmctldLogFile=/var/log/slurm/slurmctld.log
+SlurmdLogFile=/var/log/slurm/slurmd.log
+SlurmctldDebug=info
+SlurmdDebug=info
+# No cgroups on this machine kind: track processes by parent pid, no task affinity.
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+# Lets the node declare more CPUs than the machine has (8 slots on a 2-core VM).
+SlurmdParameters=config_overrides
+ReturnToService=2
+MpiDefault=none
+SchedulerType=sched/backfill
+KillWait=5
+InactiveLimit=0
+MinJobAge=300
+MaxArraySize=1001
+JobAcctGatherType=jobacct_gather/none
+JobCompType=jobcomp/none
+AccountingStorageType=accounting_storage/slurmdbd
+AccountingStorageHost=127.0.0.1
+AccountingStoragePort=6819
+AccountingStorageTRES=gres/gpu
+GresTypes=gpu
+NodeName=$NODE_NAME NodeAddr=127.0.0.1 CPUs=$NODE_CPUS RealMemory=4000 Gres=gpu:$NODE_GPUS State=UNKNOWN
+PartitionName=cpu Nodes=$NODE_NAME Default=YES MaxTime=INFINITE State=UP
+PartitionName=gpu Nodes=$NODE_NAME MaxTime=INFINITE State=UP
+CONF
+    chmod 0644 "$tmp" && mv -f "$tmp" "$SLURM_ETC/slurm.conf"
+
+    tmp=$(mktemp "$SLURM_ETC/.gres.conf.XXXXXX")
+    printf 'NodeName=%s Name=gpu File=/dev/cryoflow-fakegpu[0-%d]\n' "$NODE_NAME" $((NODE_GPUS - 1)) >"$tmp"
+    chmod 0644 "$tmp" && mv -f "$tmp" "$SLURM_ETC/gres.conf"
+
+    tmp=$(mktemp "$SLURM_ETC/.slurmdbd.conf.XXXXXX")
+    cat >"$tmp" <<CONF
+# Written by cryoflow scripts/services.sh. Holds the database password: slurm-only.
+AuthType=auth/munge
+DbdHost=localhost
+DbdAddr=127.0.0.1
+DbdPort=6819
+SlurmUser=slurm
+LogFile=/var/log/slurm/slurmdbd.log
+PidFile=/run/slurm/slurmdbd.pid
+StorageType=accounting_storage/mysql
+StorageHost=127.0.0.1
+StoragePort=3306
+StorageUser=slurm
+StoragePass=$(<"$STATE_DIR/slurmdbd-db.pw")
+StorageLoc=slurm_acct_db
+CONF
+    chown slurm:slurm "$tmp" && chmod 0600 "$tmp" && mv -f "$tmp" "$SLURM_ETC/slurmdbd.conf"
+}
+
+slurmctld_ok() { scontrol ping 2>/dev/null | grep -q 'is UP'; }
+node_ready() { sinfo -h -n "$NODE_NAME" -o '%T' 2>/dev/null | grep -qE '^(idle|mixed|allocated|completing)'; }
+sacct_ok() { sacct -n -X -S now-1minutes -o JobID >/dev/null 2>&1; }
+
+slurm_up() {
+    write_slurm_configs
+    if ! port_open 6819; then
+        log "starting slurmdbd"
+        runuser -u slurm -- /usr/sbin/slurmdbd
+        wait_until "$WAIT_S" "slurmdbd on :6819" port_open 6819 || die "slurmdbd did not start (see /var/log/slurm/slurmdbd.log)"
+    fi
+    if ! slurmctld_ok; then
+        log "starting slurmctld"
+        /usr/sbin/slurmctld
+        wait_until "$WAIT_S" "scontrol ping" slurmctld_ok || die "slurmctld did not start (see /var/log/slurm/slurmctld.log)"
+    else
+        scontrol reconfigure >/dev/null 2>&1 || true
+    fi
+    if ! port_open 6818; then
+        log "starting slurmd -N $NODE_NAME"
+        /usr/sbin/slurmd -N "$NODE_NAME"
+        wait_until "$WAIT_S" "slurmd on :6818" port_open 6818 || die "slurmd did not start (see /var/log/slurm/slurmd.log)"
+    fi
+    if ! wait_until 10 "node $NODE_NAME to be ready" node_ready; then
+        scontrol update NodeName="$NODE_NAME" State=RESUME >/dev/null 2>&1 || true
+        wait_until "$WAIT_S" "node $NODE_NAME to be ready" node_ready \
+            || die "node $NODE_NAME is $(sinfo -h -n "$NODE_NAME" -o '%T %E')"
+    fi
+    wait_until "$WAIT_S" "sacct to answer" sacct_ok || die "sacct does not answer (slurmdbd/MariaDB)"
+}
+
+slurm_down() {
+    if slurmctld_ok; then
+        # Stops slurmctld and every slurmd cleanly (state saved for the next start).
+        scontrol shutdown >/dev/null 2>&1 || true
+        wait_until 15 "slurmctld to stop" bash -c '! scontrol ping 2>/dev/null | grep -q "is UP"' || true
+    fi
+    stop_pidfile /run/slurm/slurmd.pid slurmd
+    stop_pidfile /run/slurm/slurmctld.pid slurmctld
+    stop_pidfile /run/slurm/slurmdbd.pid slurmdbd
+}
+
+# --- sshd + test user --------------------------------------------------------------------------
+
+ssh_login_ok() {
+    ssh -o BatchMode=yes -o StrictHostKeyChecking=yes -o UserKnownHostsFile="$STATE_DIR/known_hosts" \
+        -o IdentitiesOnly=yes -o ConnectTimeout=3 -i "$STATE_DIR/id_ed25519" -p "$SSH_PORT" \
+        "$SSH_USER@127.0.0.1" "sinfo -h -o %P" 2>/dev/null | grep -q .
+}
+
+sshd_up() {
+    install -d -m 0755 /run/sshd
+    [[ -s /etc/ssh/ssh_host_ed25519_key ]] || ssh-keygen -A >/dev/null
+    if ! id "$SSH_USER" >/dev/null 2>&1; then
+        # '*' (not the default '!'): a locked account is refused even for key logins.
+        useradd --create-home --shell /bin/bash -p '*' "$SSH_USER"
+    fi
+    local home; home=$(getent passwd "$SSH_USER" | cut -d: -f6)
+    [[ -s $STATE_DIR/id_ed25519 ]] || ssh-keygen -q -t ed25519 -N '' -C "$SSH_USER@cryoflow-services" -f "$STATE_DIR/id_ed25519"
+    install -d -o "$SSH_USER" -g "$SSH_USER" -m 0700 "$home/.ssh"
+    install -o "$SSH_USER" -g "$SSH_USER" -m 0600 "$STATE_DIR/id_ed25519.pub" "$home/.ssh/authorized_keys"
+    install -d -o "$SSH_USER" -g "$SSH_USER" -m 0755 "$home/cryoflow-jobs"
+
+    local tmp
+    tmp=$(mktemp /etc/ssh/.cryoflow_sshd_config.XXXXXX)
+    cat >"$tmp" <<CONF
+# Written by cryoflow scripts/services.sh: key-only sshd for the test user, loopback only.
+Port $SSH_PORT
+ListenAddress 127.0.0.1
+HostKey /etc/ssh/ssh_host_ed25519_key
+PidFile $SSHD_PID
+AllowUsers $SSH_USER
+PermitRootLogin no
+PubkeyAuthentication yes
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+UsePAM no
+X11Forwarding no
+Subsystem sftp internal-sftp
+MaxStartups 50:30:200
+MaxSessions 50
+CONF
+    chmod 0644 "$tmp" && mv -f "$tmp" "$SSHD_CONFIG"
+    /usr/sbin/sshd -t -f "$SSHD_CONFIG" || die "sshd config rejected"
+
+    local host_pub; host_pub=$(cut -d' ' -f1,2 /etc/ssh/ssh_host_ed25519_key.pub)
+    printf '%s\n' "$host_pub" >"$STATE_DIR/host_key.pub"
+    printf '[127.0.0.1]:%s %s\n' "$SSH_PORT" "$host_pub" >"$STATE_DIR/known_hosts"
+
+    if ! port_open "$SSH_PORT"; then
+        log "starting sshd on 127.0.0.1:$SSH_PORT"
+        /usr/sbin/sshd -f "$SSHD_CONFIG"
+        wait_until "$WAIT_S" "sshd on :$SSH_PORT" port_open "$SSH_PORT" || die "sshd did not start"
+    fi
+    wait_until 10 "key login as $SSH_USER" ssh_login_ok || die "key login as $SSH_USER to :$SSH_PORT fails"
+    write_connection "$home/cryoflow-jobs" "$host_pub"
+}
+
+sshd_down() { stop_pidfile "$SSHD_PID" sshd; }
+
+write_connection() {  # write_connection <remote workdir> <host public key>
+    local workdir=$1 host_pub=$2 key="$STATE_DIR/id_ed25519"
+    local json uri env tmp
+    json=$(printf '{"conn_type": "ssh", "host": "127.0.0.1", "port": %s, "login": "%s", "extra": {"key_file": "%s", "host_key": "%s", "look_for_keys": "false", "conn_timeout": "10"}}' \
+        "$SSH_PORT" "$SSH_USER" "$key" "$host_pub")
+    uri="ssh://$SSH_USER@127.0.0.1:$SSH_PORT/?key_file=$(urlencode "$key")&host_key=$(urlencode "$host_pub")&look_for_keys=false&conn_timeout=10"
+    env=$(printf 'export AIRFLOW_CONN_%s=%q\nexport CRYOFLOW_SSH_CONN_ID=%q\nexport CRYOFLOW_SLURM_WORKDIR=%q\nexport CRYOFLOW_SERVICES_DIR=%q\n' \
+        "${CONN_ID^^}" "$json" "$CONN_ID" "$workdir" "$STATE_DIR")
+    for pair in "airflow_conn.json:$json" "airflow_conn.uri:$uri" "env:$env"; do
+        tmp=$(mktemp "$STATE_DIR/.tmp.XXXXXX")
+        printf '%s\n' "${pair#*:}" >"$tmp" && mv -f "$tmp" "$STATE_DIR/${pair%%:*}"
+    done
+}
+
+# --- commands ----------------------------------------------------------------------------------
+
+cmd_up() {
+    [[ $EUID -eq 0 ]] || die "run as root (starts system daemons)"
+    install -d -m 0700 "$STATE_DIR"
+    ensure_packages
+    mariadb_up
+    munge_up
+    slurm_up
+    sshd_up
+    log "up: Slurm ($CLUSTER_NAME: partitions cpu, gpu) and sshd 127.0.0.1:$SSH_PORT; state in $STATE_DIR"
+}
+
+cmd_down() {
+    [[ $EUID -eq 0 ]] || die "run as root"
+    sshd_down
+    slurm_down
+    munge_down
+    mariadb_down
+    log "down"
+}
+
+cmd_status() {
+    local rc=0 name check
+    for pair in "mariadb:mariadb_root -e 'SELECT 1'" "munge:munge_ok" "slurmdbd:port_open 6819" \
+        "slurmctld:slurmctld_ok" "slurmd:node_ready" "sacct:sacct_ok" \
+        "sshd:port_open $SSH_PORT" "ssh-login:ssh_login_ok"; do
+        name=${pair%%:*} check=${pair#*:}
+        if eval "$check" >/dev/null 2>&1; then
+            printf '%-10s up\n' "$name"
+        else
+            printf '%-10s DOWN\n' "$name"; rc=1
+        fi
+    done
+    return $rc
+}
+
+case "${1:-}" in
+    up) cmd_up ;;
+    down) cmd_down ;;
+    status) cmd_status ;;
+    *) echo "usage: $0 up|down|status   (state dir: \$CRYOFLOW_SERVICES_DIR, default /var/lib/cryoflow-services)" >&2; exit 2 ;;
+esac

@@ -1,0 +1,97 @@
+"""The watch decision loop: batches, already-done files, idle timeout and end time."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from cryoflow.share.watch import ShareWatch, WatchSettings
+
+
+def _settings(root: Path, **kw) -> WatchSettings:
+    base = dict(root=root, settle_seconds=2.0, batch_max_files=3, batch_window_seconds=10.0,
+                idle_timeout_seconds=30.0)
+    base.update(kw)
+    return WatchSettings(**base)
+
+
+def test_batch_is_offered_once_files_settle(tmp_path: Path) -> None:
+    (tmp_path / "a.tif").write_bytes(b"1")
+    (tmp_path / "b.tif").write_bytes(b"2")
+    watch = ShareWatch(_settings(tmp_path), done={}, started=0.0)
+    assert watch.poll(0.0).status == "wait"
+    out = watch.poll(2.5)
+    assert out.status == "ready"
+    assert [f["relpath"] for f in out.files] == ["a.tif", "b.tif"]
+    assert out.files[0]["size"] == 1
+
+
+def test_batch_waits_for_window_while_other_files_still_grow(tmp_path: Path) -> None:
+    (tmp_path / "done.tif").write_bytes(b"1")
+    growing = tmp_path / "growing.tif"
+    growing.write_bytes(b"1")
+    watch = ShareWatch(_settings(tmp_path), done={}, started=0.0)
+    watch.poll(0.0)
+    for t in (1.0, 3.0, 6.0, 9.0):
+        with open(growing, "ab") as fh:
+            fh.write(b"more")
+        assert watch.poll(t).status == "wait", t
+    with open(growing, "ab") as fh:
+        fh.write(b"more")
+    out = watch.poll(13.0)  # window of 10 s since done.tif was first ready at 3.0
+    assert out.status == "ready"
+    assert [f["relpath"] for f in out.files] == ["done.tif"]
+    assert out.pending == 1
+
+
+def test_full_batch_goes_at_once_and_is_capped(tmp_path: Path) -> None:
+    for i in range(5):
+        (tmp_path / f"m{i}.tif").write_bytes(b"x")
+    watch = ShareWatch(_settings(tmp_path), done={}, started=0.0)
+    watch.poll(0.0)
+    out = watch.poll(2.0)
+    assert len(out.files) == 3 and out.pending == 2
+
+
+def test_done_files_are_not_offered_again_unless_changed(tmp_path: Path) -> None:
+    f = tmp_path / "a.tif"
+    f.write_bytes(b"1")
+    st = f.stat()
+    watch = ShareWatch(_settings(tmp_path, idle_timeout_seconds=5.0),
+                       done={"a.tif": (st.st_size, st.st_mtime_ns)}, started=0.0)
+    assert watch.poll(0.0).status == "wait"
+    out = watch.poll(6.0)
+    assert out.status == "ended" and "idle" in out.reason
+    f.write_bytes(b"12")  # rewritten on the share: offered again
+    watch = ShareWatch(_settings(tmp_path), done={"a.tif": (st.st_size, st.st_mtime_ns)},
+                       started=0.0)
+    watch.poll(0.0)
+    assert [x["relpath"] for x in watch.poll(3.0).files] == ["a.tif"]
+
+
+def test_idle_timeout_counts_from_last_change(tmp_path: Path) -> None:
+    g = tmp_path / "slow.tif"
+    g.write_bytes(b"1")
+    watch = ShareWatch(_settings(tmp_path, idle_timeout_seconds=5.0, settle_seconds=100.0),
+                       done={}, started=0.0)
+    watch.poll(0.0)
+    g.write_bytes(b"12")
+    assert watch.poll(4.0).status == "wait"
+    assert watch.poll(8.0).status == "wait"  # 4 s since the last change
+    assert watch.poll(9.5).status == "ended"
+
+
+def test_end_time_ends_the_session(tmp_path: Path) -> None:
+    deadline = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
+    watch = ShareWatch(_settings(tmp_path, deadline=deadline), done={}, started=0.0)
+    assert watch.poll(0.0, wall=deadline - timedelta(seconds=1)).status == "wait"
+    out = watch.poll(1.0, wall=deadline)
+    assert out.status == "ended" and "end time" in out.reason
+
+
+def test_missing_session_folder_waits_then_idles(tmp_path: Path) -> None:
+    watch = ShareWatch(_settings(tmp_path / "not_yet", idle_timeout_seconds=5.0), done={},
+                       started=0.0)
+    out = watch.poll(1.0)
+    assert out.status == "wait" and "does not exist" in out.errors[0]
+    assert watch.poll(6.0).status == "ended"
