@@ -92,6 +92,8 @@ ensure_packages() {
     for p in "${PACKAGES[@]}"; do
         dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
     done
+    # MariaDB normally runs already on this machine kind; install it only where it is absent.
+    command -v mariadbd >/dev/null 2>&1 || missing+=(mariadb-server)
     ((${#missing[@]} == 0)) && return 0
     log "installing ${missing[*]}"
     export DEBIAN_FRONTEND=noninteractive
@@ -143,6 +145,7 @@ munge_up() {
     [[ -s /etc/munge/munge.key ]] || runuser -u munge -- mungekey --create --keyfile=/etc/munge/munge.key
     chown munge:munge /etc/munge/munge.key && chmod 0400 /etc/munge/munge.key
     munge_ok && return 0
+    log "starting munged"
     rm -f /run/munge/munge.socket.2 /run/munge/munged.pid
     runuser -u munge -- /usr/sbin/munged
     wait_until "$WAIT_S" "munged" munge_ok || die "munged did not start (see /var/log/munge/munged.log)"

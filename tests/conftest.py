@@ -31,9 +31,10 @@ os.environ.update(
         "CRYOFLOW_CONFIG_DIR": str(ROOT / "config"),
     }
 )
-os.environ.pop("CRYOFLOW_GPFS_ROOT", None)
 
-pytest_plugins = ["tests.services_fixtures"] if (ROOT / "tests" / "services_fixtures.py").exists() else []
+pytest_plugins = (
+    ["tests.services_fixtures"] if (ROOT / "tests" / "services_fixtures.py").exists() else []
+)
 
 
 @pytest.fixture(scope="session")
@@ -50,7 +51,7 @@ def airflow_db() -> Path:
 
 @pytest.fixture
 def site_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Path]:
-    """Point the shipped config at throw-away share, GPFS and ledger locations, with fast timings."""
+    """Point the shipped config at throw-away share, GPFS and ledger, with fast timings."""
     share = tmp_path / "share"
     gpfs = tmp_path / "gpfs"
     for d in (share / "krios1", share / "krios2", gpfs):

@@ -49,20 +49,43 @@ def test_config_dir_follows_environment(monkeypatch: pytest.MonkeyPatch, tmp_pat
 @pytest.mark.parametrize(
     ("file", "old", "new", "expected"),
     [
-        ("microscopes/krios1.yaml", "pixel_size_A: 0.73", "pixel_size_A: -1",
-         r"krios1\.yaml.*detector\.pixel_size_A.*greater than 0\.1.*-1"),
-        ("microscopes/krios1.yaml", "layout: epu", "layout: leginon",
-         r"krios1\.yaml.*layout.*'leginon'"),
-        ("microscopes/krios2.yaml", "  exclude:", "  exclud:",
-         r"krios2\.yaml.*share\.exclud.*[Ee]xtra"),
-        ("microscopes/krios2.yaml", "id: krios2", "id: krios9",
-         r"krios2\.yaml.*id.*'krios9'.*file name"),
-        ("facility.yaml", 'dir_mode: "2770"', 'dir_mode: "2777"',
-         r"facility\.yaml.*permissions\.dir_mode.*world"),
-        ("facility.yaml", "backend: ${CRYOFLOW_GPU_BACKEND:-gpu-cluster}", "backend: nowhere",
-         r"facility\.yaml.*software\.motioncor2\.backend.*'nowhere'"),
-        ("facility.yaml", "name: SLAC", "name: [SLAC",
-         r"facility\.yaml.*not valid YAML"),
+        (
+            "microscopes/krios1.yaml",
+            "pixel_size_A: 0.73",
+            "pixel_size_A: -1",
+            r"krios1\.yaml.*detector\.pixel_size_A.*greater than 0\.1.*-1",
+        ),
+        (
+            "microscopes/krios1.yaml",
+            "layout: epu",
+            "layout: leginon",
+            r"krios1\.yaml.*layout.*'leginon'",
+        ),
+        (
+            "microscopes/krios2.yaml",
+            "  exclude:",
+            "  exclud:",
+            r"krios2\.yaml.*share\.exclud.*[Ee]xtra",
+        ),
+        (
+            "microscopes/krios2.yaml",
+            "id: krios2",
+            "id: krios9",
+            r"krios2\.yaml.*id.*'krios9'.*file name",
+        ),
+        (
+            "facility.yaml",
+            'dir_mode: "2770"',
+            'dir_mode: "2777"',
+            r"facility\.yaml.*permissions\.dir_mode.*world",
+        ),
+        (
+            "facility.yaml",
+            "backend: ${CRYOFLOW_GPU_BACKEND:-gpu-cluster}",
+            "backend: nowhere",
+            r"facility\.yaml.*software\.motioncor2\.backend.*'nowhere'",
+        ),
+        ("facility.yaml", "name: SLAC", "name: [SLAC", r"facility\.yaml.*not valid YAML"),
     ],
 )
 def test_mistakes_are_named(tmp_path: Path, file: str, old: str, new: str, expected: str) -> None:

@@ -64,7 +64,9 @@ def test_session_is_opened_once_and_reopened_after_close(ledger: Ledger) -> None
 
 def test_file_lifecycle_and_idempotence(ledger: Ledger) -> None:
     sid = _open(ledger)
-    fid, already = ledger.begin_copy(sid, "a b/ü.tif", kind="movie", size=10, mtime_ns=5, batch="r1")
+    fid, already = ledger.begin_copy(
+        sid, "a b/ü.tif", kind="movie", size=10, mtime_ns=5, batch="r1"
+    )
     assert not already
     assert ledger.done_files(sid, max_attempts=3) == {}
     ledger.mark_verified(fid, checksum="ab" * 16, dest_path="/gpfs/x", copy_seconds=0.1)
@@ -74,7 +76,9 @@ def test_file_lifecycle_and_idempotence(ledger: Ledger) -> None:
         True,
     )
     # the same path with new content is a new copy of the same row
-    fid2, already = ledger.begin_copy(sid, "a b/ü.tif", kind="movie", size=11, mtime_ns=6, batch="r3")
+    fid2, already = ledger.begin_copy(
+        sid, "a b/ü.tif", kind="movie", size=11, mtime_ns=6, batch="r3"
+    )
     assert (fid2, already) == (fid, False)
     assert ledger.counts(sid) == {"copying": 1}
 

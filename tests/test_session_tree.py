@@ -59,8 +59,11 @@ def test_collaborators_get_acls_where_supported(tmp_path: Path, experiment_group
         pytest.skip("acl tools not installed")
     paths = SessionPaths.for_session(tmp_path, 2026, "s2")
     notes = create_session_tree(
-        paths, gid=resolve_gid(experiment_group), dir_mode=0o2770,
-        collaborators=["cryoflow-collab"], acl="auto",
+        paths,
+        gid=resolve_gid(experiment_group),
+        dir_mode=0o2770,
+        collaborators=["cryoflow-collab"],
+        acl="auto",
     )
     out = subprocess.run(["getfacl", "-p", str(paths.raw)], capture_output=True, text=True).stdout
     if "user:cryoflow-collab:rwx" not in out:  # a filesystem without ACLs: noted, not fatal
@@ -74,8 +77,11 @@ def test_unknown_group_or_user_is_named(tmp_path: Path) -> None:
         resolve_gid("no-such-group-xyz")
     with pytest.raises(PermissionSetupError, match="nobody-xyz"):
         create_session_tree(
-            SessionPaths.for_session(tmp_path, 2026, "s3"), gid=None, dir_mode=0o2770,
-            collaborators=["nobody-xyz"], acl="auto",
+            SessionPaths.for_session(tmp_path, 2026, "s3"),
+            gid=None,
+            dir_mode=0o2770,
+            collaborators=["nobody-xyz"],
+            acl="auto",
         )
     assert resolve_gid("") is None
     assert resolve_gid(grp.getgrgid(pwd.getpwuid(os.getuid()).pw_gid).gr_name) == os.getgid()

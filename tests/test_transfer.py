@@ -53,7 +53,9 @@ def test_second_copy_of_identical_file_copies_nothing(tmp_path: Path) -> None:
 def test_different_file_at_destination_is_replaced(tmp_path: Path) -> None:
     src = _write(tmp_path / "a.mrc", 50_000, seed=1)
     dst = _write(tmp_path / "out" / "a.mrc", 50_000, seed=2)
-    os.utime(dst, ns=(src.stat().st_atime_ns, src.stat().st_mtime_ns))  # same size+mtime, other bytes
+    os.utime(
+        dst, ns=(src.stat().st_atime_ns, src.stat().st_mtime_ns)
+    )  # same size+mtime, other bytes
     result = copy_verified(src, dst)
     assert result.copied
     assert file_checksum(dst) == file_checksum(src)

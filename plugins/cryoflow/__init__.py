@@ -1,1 +1,1 @@
-"""cryoflow: cryo-EM data acquisition pipeline (microscope share -> GPFS -> cluster pre-processing)."""
+"""cryoflow: cryo-EM acquisition pipeline (microscope share -> GPFS -> cluster pre-processing)."""

@@ -39,7 +39,9 @@ class _Model(BaseModel):
 
 
 class StorageConfig(_Model):
-    gpfs_root: Path = Field(description="Long-term storage root; sessions go to <root>/<year>/<session>.")
+    gpfs_root: Path = Field(
+        description="Long-term storage root; sessions go to <root>/<year>/<session>."
+    )
     ledger_url: str = Field(description="SQLAlchemy URL of the session ledger database.")
 
 
@@ -117,7 +119,9 @@ class ShareConfig(_Model):
     )
     path: Path
     exclude: list[str] = Field(default_factory=list, description="Extra glob patterns to ignore.")
-    settle_seconds: float | None = Field(None, gt=0, description="Overrides transfer.settle_seconds.")
+    settle_seconds: float | None = Field(
+        None, gt=0, description="Overrides transfer.settle_seconds."
+    )
 
 
 class DetectorConfig(_Model):
@@ -189,7 +193,9 @@ def expand_env(value: Any, *, where: str = "") -> Any:
 
         return _ENV_REF.sub(repl, value)
     if isinstance(value, dict):
-        return {k: expand_env(v, where=f"{where}.{k}" if where else str(k)) for k, v in value.items()}
+        return {
+            k: expand_env(v, where=f"{where}.{k}" if where else str(k)) for k, v in value.items()
+        }
     if isinstance(value, list):
         return [expand_env(v, where=f"{where}[{i}]") for i, v in enumerate(value)]
     return value

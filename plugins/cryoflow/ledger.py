@@ -34,6 +34,10 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 
+def _values(enum_cls: type[enum.Enum]) -> list[str]:
+    return [member.value for member in enum_cls]
+
+
 def utcnow() -> datetime:
     return datetime.now(UTC)
 
@@ -82,7 +86,9 @@ class FileRow(Base):
     mtime_ns: Mapped[int] = mapped_column(BigInteger)
     checksum: Mapped[str | None] = mapped_column(String(64))
     dest_path: Mapped[str | None] = mapped_column(Text)
-    state: Mapped[FileState] = mapped_column(Enum(FileState, native_enum=False, length=16))
+    state: Mapped[FileState] = mapped_column(
+        Enum(FileState, native_enum=False, length=16, values_callable=_values)
+    )
     batch: Mapped[str | None] = mapped_column(String(250))
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     error: Mapped[str | None] = mapped_column(Text)
@@ -99,7 +105,9 @@ class StageRow(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     file_id: Mapped[int] = mapped_column(ForeignKey("cryoflow_files.id"), index=True)
     stage: Mapped[str] = mapped_column(String(32))
-    state: Mapped[StageState] = mapped_column(Enum(StageState, native_enum=False, length=16))
+    state: Mapped[StageState] = mapped_column(
+        Enum(StageState, native_enum=False, length=16, values_callable=_values)
+    )
     job_id: Mapped[str | None] = mapped_column(String(64))
     array_index: Mapped[int | None] = mapped_column(Integer)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
@@ -159,7 +167,9 @@ class Ledger:
         """Create the session row, or return the existing one (a session may span many runs)."""
         with self._tx() as s:
             row = s.scalar(
-                select(SessionRow).where(SessionRow.microscope == microscope, SessionRow.name == name)
+                select(SessionRow).where(
+                    SessionRow.microscope == microscope, SessionRow.name == name
+                )
             )
             if row is None:
                 row = SessionRow(
@@ -204,8 +214,9 @@ class Ledger:
         (those wait for a person; the close summary lists them)."""
         with self._tx() as s:
             rows = s.execute(
-                select(FileRow.relpath, FileRow.size, FileRow.mtime_ns, FileRow.state, FileRow.attempts)
-                .where(FileRow.session_id == session_id)
+                select(
+                    FileRow.relpath, FileRow.size, FileRow.mtime_ns, FileRow.state, FileRow.attempts
+                ).where(FileRow.session_id == session_id)
             )
             return {
                 rel: (size, mtime)
@@ -240,11 +251,7 @@ class Ledger:
             if row is None:
                 row = FileRow(session_id=session_id, relpath=relpath, attempts=0)
                 s.add(row)
-            elif (
-                row.state == FileState.VERIFIED
-                and row.size == size
-                and row.mtime_ns == mtime_ns
-            ):
+            elif row.state == FileState.VERIFIED and row.size == size and row.mtime_ns == mtime_ns:
                 return row.id, True
             row.kind, row.size, row.mtime_ns, row.batch = kind, size, mtime_ns, batch
             row.state, row.error = FileState.COPYING, None
@@ -297,7 +304,9 @@ class Ledger:
         error: str | None = None,
     ) -> None:
         with self._tx() as s:
-            row = s.scalar(select(StageRow).where(StageRow.file_id == file_id, StageRow.stage == stage))
+            row = s.scalar(
+                select(StageRow).where(StageRow.file_id == file_id, StageRow.stage == stage)
+            )
             if row is None:
                 row = StageRow(file_id=file_id, stage=stage, attempts=0)
                 s.add(row)

@@ -189,7 +189,7 @@ def transfer_batch(
     files: list[dict[str, Any]],
     batch: str,
 ) -> BatchReport:
-    """Copy every file of a batch to ``<session>/raw``, verified; one bad file never stops the rest."""
+    """Copy a batch to ``<session>/raw``, each file verified; one bad file never stops the rest."""
     ledger = Ledger(facility.storage.ledger_url)
     source_root, raw = Path(handle.source_root), Path(handle.dest_root) / "raw"
     report = BatchReport(copied=[], skipped=[], failed=[], retry_later=[])
@@ -241,8 +241,13 @@ def transfer_batch(
         )
         mb = result.size / 1e6
         if result.copied:
-            log.info("copied %s (%.1f MB, %.0f MB/s, xxh3 %s)", rel, mb, mb / max(seconds, 1e-6),
-                     result.checksum)
+            log.info(
+                "copied %s (%.1f MB, %.0f MB/s, xxh3 %s)",
+                rel,
+                mb,
+                mb / max(seconds, 1e-6),
+                result.checksum,
+            )
         else:
             log.info("already in place and identical: %s", rel)
         report.copied.append({"relpath": rel, "file_id": file_id, "kind": kind, "dest": str(dst)})
@@ -255,7 +260,8 @@ def close_session(facility: FacilityConfig, handle: SessionHandle, reason: str) 
     ledger.close_session(handle.session_id, reason)
     counts = ledger.counts(handle.session_id)
     failed = [
-        {"relpath": f.relpath, "error": f.error} for f in ledger.files(handle.session_id, FileState.FAILED)
+        {"relpath": f.relpath, "error": f.error}
+        for f in ledger.files(handle.session_id, FileState.FAILED)
     ]
     summary = {
         "session_id": handle.session_id,

@@ -65,7 +65,9 @@ def create_session_tree(
         try:
             pwd.getpwnam(user)
         except KeyError:
-            raise PermissionSetupError(f"collaborators: no such user {user!r} on this host") from None
+            raise PermissionSetupError(
+                f"collaborators: no such user {user!r} on this host"
+            ) from None
     for directory in paths.all():
         directory.mkdir(parents=True, exist_ok=True)
         if gid is not None:

@@ -38,7 +38,8 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+import uuid
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
@@ -61,7 +62,7 @@ from cryoflow.engines.synthetic import (
     write_gain_mrc,
     write_truth_json,
 )
-from cryoflow.share.layout import Layout, MovieFormat
+from cryoflow.share.layout import FileKind, Layout, MovieFormat, classify
 
 __all__ = ["Content", "SimulatedMovie", "SimulatorConfig", "main", "simulate_session"]
 
@@ -97,7 +98,7 @@ class SimulatorConfig(BaseModel):
     voltage_kV: float = Field(300.0, gt=0)
     exposure_time_s: float = Field(2.0, gt=0)
     magnification: int = Field(105000, gt=0)
-    particles: int = Field(20, ge=0)
+    particles: int = Field(10, ge=0)
     diameter_A: float = Field(150.0, gt=0)
     drift_px: float = Field(5.0, ge=0, description="total drift path per movie (synthetic)")
     contrast: float = Field(0.3, gt=0, description="fractional contrast of particles")
@@ -124,6 +125,14 @@ class SimulatorConfig(BaseModel):
 
     @model_validator(mode="after")
     def _checks(self) -> SimulatorConfig:
+        if (
+            self.layout is Layout.SERIALEM
+            and classify(f"{self.session_name}.mrc", Layout.SERIALEM) is FileKind.MOVIE
+        ):
+            raise ValueError(
+                f"session name {self.session_name!r} ends like a SerialEM file counter; its "
+                "summed stack would be taken for a movie"
+            )
         lo, hi = self.defocus_range_um
         if not 0 < lo <= hi:
             raise ValueError(f"defocus range must satisfy 0 < min <= max (µm), got {lo}, {hi}")
@@ -234,31 +243,37 @@ class _TiffStream:
 
 def _write_progressively(
     path: Path,
-    frames: np.ndarray,
+    frames: np.ndarray | _NoiseFrames,
     fmt: MovieFormat,
     pixel_size_A: float,
     seconds: float,
     stop: threading.Event,
-) -> bool:
-    """Write ``frames`` to ``path`` (final name) spread over ``seconds``; False if stopped."""
+) -> np.ndarray | None:
+    """Write ``frames`` to ``path`` (final name) spread over ``seconds``.
+
+    Returns the sum of the frames, or None if ``stop`` was set before the movie was complete.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
+    shape = (len(frames), *frames.shape[1:])
     fh = open(path, "wb")  # noqa: SIM115 - closed by the stream
     if fmt is MovieFormat.MRC:
         dtype = np.uint16 if frames.dtype == np.uint8 else frames.dtype  # MRC has no uint8
-        stream: _MrcStream | _TiffStream = _MrcStream(fh, frames.shape, dtype, pixel_size_A)
+        stream: _MrcStream | _TiffStream = _MrcStream(fh, shape, dtype, pixel_size_A)
     else:
-        stream = _TiffStream(fh, frames.nbytes)
+        stream = _TiffStream(fh, int(np.prod(shape)) * np.dtype(frames.dtype).itemsize)
+    total = np.zeros(shape[1:], dtype=np.uint32)
     start = time.monotonic()
-    per_frame = seconds / len(frames)
+    per_frame = seconds / shape[0]
     try:
         for i, frame in enumerate(frames):
             if stop.is_set():
-                return False
+                return None
             stream.write(frame)
+            total += frame
             delay = start + (i + 1) * per_frame - time.monotonic()
             if delay > 0 and stop.wait(delay):
-                return False
-        return True
+                return None
+        return total
     finally:
         stream.close()
 
@@ -296,19 +311,85 @@ def _targets(cfg: SimulatorConfig) -> list[float]:
     return list(np.linspace(lo, hi, n))
 
 
+_GAIN_LEVELS = 16  # the simulated detector's gain takes this many distinct values
+_LUT_BITS = 16  # noise counts come from 16-bit uniform numbers through a Poisson inverse CDF
+
+
+def _quantize_gain(gain: np.ndarray) -> np.ndarray:
+    """The gain on a few levels, so noise frames can come from one lookup table per level."""
+    lo, hi = float(gain.min()), float(gain.max())
+    levels = np.linspace(lo, hi, _GAIN_LEVELS)
+    index = np.rint((gain - lo) / ((hi - lo) / (_GAIN_LEVELS - 1) or 1.0)).astype(np.intp)
+    return levels[index].astype(np.float32)
+
+
+class _NoiseTable:
+    """Poisson counts by inverse-CDF lookup of 16-bit random numbers, one table per gain level.
+
+    Probabilities are exact Poisson rounded to 1/65536 (rarer counts never occur); drawing a
+    frame is about ten times faster than ``Generator.poisson``. Built once per session.
+    """
+
+    def __init__(
+        self, shape: tuple[int, int], e_per_px: float, gain: np.ndarray | None, dtype: Any
+    ):
+        self.shape, self.dtype = shape, np.dtype(dtype)
+        if gain is None:
+            levels, index = np.ones(1), np.zeros(shape, dtype=np.uint32)
+        else:
+            levels, inverse = np.unique(gain, return_inverse=True)
+            index = inverse.reshape(shape).astype(np.uint32)
+        q = (np.arange(2**_LUT_BITS) + 0.5) / 2**_LUT_BITS
+        kmax = int(np.iinfo(self.dtype).max)
+        table = np.empty((len(levels), 2**_LUT_BITS), dtype=self.dtype)
+        for i, g in enumerate(levels):
+            lam = e_per_px / float(g)  # a gain reference multiplies raw frames back to flat
+            k = np.arange(min(kmax, int(lam + 12 * np.sqrt(lam) + 12)) + 1)
+            log_pmf = k * np.log(lam) - lam - np.cumsum(np.log(np.maximum(k, 1)))
+            table[i] = np.minimum(np.searchsorted(np.cumsum(np.exp(log_pmf)), q), k[-1])
+        self.table = table.ravel()
+        self.base = index << _LUT_BITS
+
+    def movie(self, n: int, rng: np.random.Generator) -> _NoiseFrames:
+        return _NoiseFrames(self, n, rng)
+
+
+class _NoiseFrames:
+    """A movie's noise frames, made one at a time (a 4k x 4k movie never sits in memory)."""
+
+    def __init__(self, table: _NoiseTable, n: int, rng: np.random.Generator):
+        self._t, self.n, self.rng = table, n, rng
+        self.shape, self.dtype = (n, *table.shape), table.dtype
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        base = self._t.base
+        for _ in range(self.n):
+            u = np.frombuffer(self.rng.bytes(2 * base.size), dtype=np.uint16).reshape(base.shape)
+            yield self._t.table.take(base | u)
+
+
+def _frame_dtype(cfg: SimulatorConfig) -> Any:
+    """uint8 counts like a K3 TIFF, unless the dose per pixel could overflow them."""
+    return np.uint8 if cfg.dose_per_frame * cfg.pixel_size_A**2 < 60 else np.uint16
+
+
 def _render(
-    cfg: SimulatorConfig, index: int, target_um: float, gain: np.ndarray | None
-) -> tuple[np.ndarray, MovieTruth, float | None]:
-    """Frames (n, ny, nx) of counts, their truth, and the true mean defocus (Å)."""
+    cfg: SimulatorConfig,
+    index: int,
+    target_um: float,
+    gain: np.ndarray | None,
+    noise: _NoiseTable | None,
+) -> tuple[np.ndarray | _NoiseFrames, MovieTruth, float | None]:
+    """Frames (n, ny, nx) of counts (lazy for noise), their truth, the true mean defocus (Å)."""
     rng = np.random.default_rng([cfg.seed, index])
     ny, nx = cfg.size
     e_per_px = cfg.dose_per_frame * cfg.pixel_size_A**2
-    dtype = np.uint8 if e_per_px < 60 else np.uint16
-    if cfg.content is Content.NOISE:
-        lam = np.full((ny, nx), e_per_px, dtype=np.float32)
-        if gain is not None:
-            lam = lam / gain  # a gain reference multiplies raw frames back to flat
-        frames = rng.poisson(lam, size=(cfg.frames, ny, nx)).astype(dtype)
+    dtype = _frame_dtype(cfg)
+    if noise is not None:
+        frames = noise.movie(cfg.frames, rng)
         truth = MovieTruth(
             n_frames=cfg.frames,
             shape=(ny, nx),
@@ -447,8 +528,6 @@ def _epu_xml(
 
 
 def _uuid(when: datetime, salt: float) -> str:
-    import uuid
-
     return str(uuid.uuid5(uuid.NAMESPACE_OID, f"{when.isoformat()}-{salt}"))
 
 
@@ -606,12 +685,11 @@ class _Session:
         write_preview(square_dir / "FoilHoles" / f"{hole}_{stamp}.jpg", overview)
 
     def after_movie(
-        self, relpath: str, frames: np.ndarray, when: datetime, target_um: float
+        self, relpath: str, total: np.ndarray, n: int, when: datetime, target_um: float
     ) -> None:
         """The movie's own metadata (and EPU's JPG / SerialEM's summed stack), after the movie."""
         cfg = self.cfg
         meta_path = self.out / self.metadata_relpath(relpath)
-        total = frames.sum(axis=0, dtype=np.uint32)
         if cfg.layout is Layout.EPU:
             gain_path = (
                 f"D:\\ImagesForProcessing\\{self.gain_relpath}" if self.gain_relpath else None
@@ -623,8 +701,8 @@ class _Session:
                 exposure_s=cfg.exposure_time_s,
                 magnification=cfg.magnification,
                 shape=cfg.size,
-                n_fractions=len(frames),
-                dose_e_per_A2=cfg.dose_per_frame * len(frames),
+                n_fractions=n,
+                dose_e_per_A2=cfg.dose_per_frame * n,
                 applied_defocus_um=target_um,
                 gain_path=gain_path,
             )
@@ -632,10 +710,8 @@ class _Session:
             write_preview(meta_path.with_suffix(".jpg"), total.astype(np.float32), max_size=256)
             return
         index = self._sums.n if self._sums is not None else 0
-        text = _frame_mdoc(
-            cfg, when, Path(relpath).name, self.gain_relpath, target_um, len(frames), index
-        )
-        _write_text(meta_path, text, encoding="cp1252")
+        text = _frame_mdoc(cfg, when, Path(relpath).name, self.gain_relpath, target_um, n, index)
+        _write_text(meta_path, text, encoding="utf-8")
         if self._sums is None:
             self._sums = _GrowingMrcStack(
                 self.out / f"{cfg.session_name}.mrc", cfg.size, cfg.pixel_size_A
@@ -645,17 +721,17 @@ class _Session:
         self._sum_sections += [
             f"[ZValue = {z}]",
             f"PixelSpacing = {cfg.pixel_size_A:g}",
-            f"ExposureDose = {cfg.dose_per_frame * len(frames):g}",
+            f"ExposureDose = {cfg.dose_per_frame * n:g}",
             f"TargetDefocus = {-target_um:g}",
             f"SubFramePath = X:\\{cfg.session_name}\\{Path(relpath).name}",
-            f"NumSubFrames = {len(frames)}",
+            f"NumSubFrames = {n}",
             f"DateTime = {_mdoc_time(when)}",
             "",
         ]
         _write_text(
             self.out / f"{cfg.session_name}.mrc.mdoc",
             _stack_mdoc(cfg, self._sum_sections, cfg.size, self.start),
-            encoding="cp1252",
+            encoding="utf-8",
         )
 
 
@@ -677,28 +753,32 @@ def simulate_session(
         cfg.truth_dir.mkdir(parents=True, exist_ok=True)
     start_wall = datetime.now().astimezone().replace(microsecond=0)
     session = _Session(cfg, start_wall)
-    gain = (
-        make_gain(cfg.size, rng=np.random.default_rng([cfg.seed, 1_000_000])) if cfg.gain else None
-    )
+    gain = None
+    if cfg.gain:
+        gain = _quantize_gain(make_gain(cfg.size, rng=np.random.default_rng([cfg.seed, 10**6])))
     session.begin(gain, session.movie_relpath(0, start_wall))
+    noise = None
+    if cfg.content is Content.NOISE:
+        e_per_px = cfg.dose_per_frame * cfg.pixel_size_A**2
+        noise = _NoiseTable(cfg.size, e_per_px, gain, _frame_dtype(cfg))
     targets = _targets(cfg)
     done: list[SimulatedMovie] = []
     t0 = time.monotonic()
     for index in range(cfg.movies):
         target_um = float(targets[index % len(targets)])
-        frames, truth, defocus_A = _render(cfg, index, target_um, gain)
+        frames, truth, defocus_A = _render(cfg, index, target_um, gain, noise)
         delay = t0 + index * cfg.interval_s - time.monotonic()
         if stop.is_set() or (delay > 0 and stop.wait(delay)):
             break
         when = start_wall + timedelta(seconds=time.monotonic() - t0)
         relpath = session.movie_relpath(index, when)
         session.before_movie(index, when)
-        ok = _write_progressively(
+        total = _write_progressively(
             cfg.out / relpath, frames, cfg.format, cfg.pixel_size_A, cfg.write_seconds, stop
         )
-        if not ok:
+        if total is None:
             break
-        session.after_movie(relpath, frames, when, target_um)
+        session.after_movie(relpath, total, cfg.frames, when, target_um)
         truth_path = None
         if cfg.truth_dir is not None:
             truth_path = cfg.truth_dir / (relpath + ".truth.json")
@@ -710,6 +790,7 @@ def simulate_session(
                     "metadata": session.metadata_relpath(relpath),
                     "gain_reference": session.gain_relpath,
                     "content": str(cfg.content),
+                    "dose_per_frame_e_per_A2": cfg.dose_per_frame,  # truth.dose_per_frame: e/px
                     "target_defocus_A": target_um * 1e4,
                     "defocus_A": defocus_A,
                     "truth": truth,
@@ -720,7 +801,7 @@ def simulate_session(
             relpath=relpath,
             metadata_relpath=session.metadata_relpath(relpath),
             truth_path=str(truth_path) if truth_path else None,
-            shape=tuple(int(v) for v in frames.shape),
+            shape=(cfg.frames, *cfg.size),
             target_defocus_A=target_um * 1e4,
             defocus_A=defocus_A,
         )
@@ -784,7 +865,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--dose-per-frame", type=float, default=1.0, help="e/A^2 per frame")
     p.add_argument("--voltage", type=float, default=300.0, help="kV")
-    p.add_argument("--particles", type=int, default=20, help="per movie (synthetic content)")
+    p.add_argument("--particles", type=int, default=10, help="per movie (synthetic content)")
     p.add_argument("--diameter", type=float, default=150.0, help="particle diameter, Angstrom")
     p.add_argument("--drift", type=float, default=5.0, help="drift path per movie, px")
     p.add_argument("--no-gain", action="store_true", help="write no gain reference")

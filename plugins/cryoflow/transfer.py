@@ -1,8 +1,9 @@
 """Copy one file to long-term storage so that a file under its final name is always complete.
 
 Stream-copy with the checksum computed in the same pass, write to a hidden temporary name in the
-destination folder, fsync, give it the experiment's mode and group, preserve mtime, read it back and compare size and
-checksum, and only then rename it atomically to its final name and fsync the folder. The
+destination folder, fsync, give it the experiment's mode and group, preserve mtime, read it back
+and compare size and checksum, and only then rename it atomically to its final name and fsync the
+folder. The
 source is only ever opened for reading.
 """
 

@@ -8,6 +8,7 @@ import mrcfile
 import numpy as np
 import pytest
 import tifffile
+
 from cryoflow.engines import synthetic as syn
 from cryoflow.engines.ctf_model import CTFParams, ctf_2d, spatial_frequency_grid
 

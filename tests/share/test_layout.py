@@ -79,9 +79,7 @@ def test_layout_accepts_its_string_value() -> None:
     assert classify(f"{GS}/Data/{ACQ}.xml", "epu") is FileKind.MOVIE_METADATA
 
 
-@pytest.mark.parametrize(
-    "movie", [f"{GS}/Data/{ACQ}_fractions.tiff", f"{GS}/Data/{ACQ}_EER.eer"]
-)
+@pytest.mark.parametrize("movie", [f"{GS}/Data/{ACQ}_fractions.tiff", f"{GS}/Data/{ACQ}_EER.eer"])
 def test_epu_movie_metadata_is_the_xml_beside_it(movie: str) -> None:
     (xml,) = metadata_for_movie(movie, Layout.EPU)
     assert xml == f"{GS}/Data/{ACQ}.xml"

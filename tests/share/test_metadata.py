@@ -193,7 +193,9 @@ def test_garbage_line_names_the_line(tmp_path: Path) -> None:
 
 
 def test_odd_frame_dose_list_is_refused(tmp_path: Path) -> None:
-    bad = _variant(tmp_path, FRAME_MDOC, "FrameDosesAndNumber = 1.24031 40", "FrameDosesAndNumber = 1.2 4 0")
+    bad = _variant(
+        tmp_path, FRAME_MDOC, "FrameDosesAndNumber = 1.24031 40", "FrameDosesAndNumber = 1.2 4 0"
+    )
     with pytest.raises(MetadataError, match="FrameDosesAndNumber"):
         read_mdoc(bad)
 

@@ -9,8 +9,13 @@ from cryoflow.share.watch import ShareWatch, WatchSettings
 
 
 def _settings(root: Path, **kw) -> WatchSettings:
-    base = dict(root=root, settle_seconds=2.0, batch_max_files=3, batch_window_seconds=10.0,
-                idle_timeout_seconds=30.0)
+    base = dict(
+        root=root,
+        settle_seconds=2.0,
+        batch_max_files=3,
+        batch_window_seconds=10.0,
+        idle_timeout_seconds=30.0,
+    )
     base.update(kw)
     return WatchSettings(**base)
 
@@ -57,14 +62,18 @@ def test_done_files_are_not_offered_again_unless_changed(tmp_path: Path) -> None
     f = tmp_path / "a.tif"
     f.write_bytes(b"1")
     st = f.stat()
-    watch = ShareWatch(_settings(tmp_path, idle_timeout_seconds=5.0),
-                       done={"a.tif": (st.st_size, st.st_mtime_ns)}, started=0.0)
+    watch = ShareWatch(
+        _settings(tmp_path, idle_timeout_seconds=5.0),
+        done={"a.tif": (st.st_size, st.st_mtime_ns)},
+        started=0.0,
+    )
     assert watch.poll(0.0).status == "wait"
     out = watch.poll(6.0)
     assert out.status == "ended" and "idle" in out.reason
     f.write_bytes(b"12")  # rewritten on the share: offered again
-    watch = ShareWatch(_settings(tmp_path), done={"a.tif": (st.st_size, st.st_mtime_ns)},
-                       started=0.0)
+    watch = ShareWatch(
+        _settings(tmp_path), done={"a.tif": (st.st_size, st.st_mtime_ns)}, started=0.0
+    )
     watch.poll(0.0)
     assert [x["relpath"] for x in watch.poll(3.0).files] == ["a.tif"]
 
@@ -72,8 +81,9 @@ def test_done_files_are_not_offered_again_unless_changed(tmp_path: Path) -> None
 def test_idle_timeout_counts_from_last_change(tmp_path: Path) -> None:
     g = tmp_path / "slow.tif"
     g.write_bytes(b"1")
-    watch = ShareWatch(_settings(tmp_path, idle_timeout_seconds=5.0, settle_seconds=100.0),
-                       done={}, started=0.0)
+    watch = ShareWatch(
+        _settings(tmp_path, idle_timeout_seconds=5.0, settle_seconds=100.0), done={}, started=0.0
+    )
     watch.poll(0.0)
     g.write_bytes(b"12")
     assert watch.poll(4.0).status == "wait"
@@ -90,8 +100,9 @@ def test_end_time_ends_the_session(tmp_path: Path) -> None:
 
 
 def test_missing_session_folder_waits_then_idles(tmp_path: Path) -> None:
-    watch = ShareWatch(_settings(tmp_path / "not_yet", idle_timeout_seconds=5.0), done={},
-                       started=0.0)
+    watch = ShareWatch(
+        _settings(tmp_path / "not_yet", idle_timeout_seconds=5.0), done={}, started=0.0
+    )
     out = watch.poll(1.0)
     assert out.status == "wait" and "does not exist" in out.errors[0]
     assert watch.poll(6.0).status == "ended"

@@ -1,4 +1,4 @@
-"""The contrast transfer function, in CTFFIND4's conventions (shared by the generator and the fitter).
+"""The contrast transfer function, in CTFFIND4's conventions (shared by generator and fitter).
 
 Defocus values are in Angstrom, positive = underfocus; the astigmatism angle is measured from the
 x axis to the axis of defocus 1, counter-clockwise, in degrees, as CTFFIND reports it.
@@ -60,7 +60,12 @@ def phase_aberration(p: CTFParams, g: np.ndarray, azimuth: np.ndarray) -> np.nda
     w = p.amp_contrast
     amp_phase = np.arctan(w / np.sqrt(1.0 - w * w))
     g2 = g * g
-    return np.pi * lam * df * g2 - 0.5 * np.pi * cs_A * lam**3 * g2 * g2 + p.phase_shift_rad + amp_phase
+    return (
+        np.pi * lam * df * g2
+        - 0.5 * np.pi * cs_A * lam**3 * g2 * g2
+        + p.phase_shift_rad
+        + amp_phase
+    )
 
 
 def ctf_2d(

@@ -51,6 +51,7 @@ from cryoflow.engines.imageio import (
     write_mrc,
     write_preview,
 )
+from cryoflow.tools.ctffind import output_paths
 
 __all__ = [
     "CTFFIND_VERSIONS",
@@ -63,8 +64,8 @@ __all__ = [
     "estimate",
     "fit_ctf",
     "main",
-    "output_paths",
     "read_answers",
+    "write_outputs",
 ]
 
 Version = Literal["4", "5"]
@@ -296,8 +297,9 @@ def read_answers(
         settings = _ask(a, version, n_images_of)
         if a.leftover():
             raise CtffindError(
-                f"{len(a.leftover())} answer(s) left over after CTFFIND {CTFFIND_VERSIONS[version]}'s "
-                f"questions (first: {a.leftover()[0]!r}); are they for another CTFFIND version?"
+                f"{len(a.leftover())} answer(s) left over after the questions of CTFFIND "
+                f"{CTFFIND_VERSIONS[version]} (first: {a.leftover()[0]!r}); are they for another "
+                f"CTFFIND version?"
             )
         return settings
     fits: list[Settings] = []
@@ -862,9 +864,16 @@ def _diagnostics(
     in_band = (g2 >= 1.0 / opts.min_res_A**2) & (g2 <= 1.0 / opts.max_res_A**2)
     fit2d = np.abs(np.sin(ctf.chi(m, u, v, phase)))
     diag = np.where(left & in_band, fit2d, diag)
-    diag = np.where(right, np.clip((epa[r_epa] + 1.0) / 3.0, 0.0, 1.0), diag)
+    lo_e, hi_e = np.percentile(epa[first_bin(g_bins, opts) :], [2.0, 98.0])
+    epa_disp = np.clip((epa - lo_e) / max(hi_e - lo_e, 1e-12), 0.0, 1.0)
+    diag = np.where(right, epa_disp[r_epa], diag)
     diag[g2 < 1.0 / opts.min_res_A**2] = 0.0
     return profiles, diag.astype(np.float32), res_A
+
+
+def first_bin(g: np.ndarray, opts: FitOptions) -> int:
+    """The first 1-D bin at or beyond the minimum resolution."""
+    return int(np.searchsorted(g, 1.0 / opts.min_res_A))
 
 
 def _windowed_cc(
@@ -879,13 +888,11 @@ def _windowed_cc(
     """Local correlation of profile and fit over about two Thon rings around each bin."""
     n = g.size
     lam = electron_wavelength_A(opts.kv)
-    dchi_dg = np.abs(
-        2.0 * math.pi * lam * m * g - 2.0 * math.pi * opts.cs_mm * 1e7 * lam**3 * g**3
-    )
+    dchi_dg = np.abs(2.0 * math.pi * lam * m * g - 2.0 * math.pi * opts.cs_mm * 1e7 * lam**3 * g**3)
     # one |CTF| period (pi in chi) in bins: pi / (dchi/dg * dg/dbin), dg/dbin = 1 / (box p)
     period_bins = np.where(dchi_dg > 0, math.pi * box * p / np.maximum(dchi_dg, 1e-30), n)
     half = np.clip(np.ceil(period_bins), 2, max(2, n // 8)).astype(int)
-    first = int(np.searchsorted(g, 1.0 / opts.min_res_A))
+    first = first_bin(g, opts)
     frc = np.ones(n)
     sigma = np.zeros(n)
     for i in range(first, n):
@@ -921,13 +928,6 @@ def _fit_resolution(frc: np.ndarray, g: np.ndarray) -> float:
 
 
 # =========================================================================== running
-
-
-def output_paths(diag_path: str | Path) -> tuple[Path, Path, Path]:
-    """(summary .txt, _avrot.txt, preview .png) beside CTFFIND's diagnostic image."""
-    diag = Path(diag_path)
-    txt = diag.with_suffix(".txt") if diag.suffix else diag.with_name(diag.name + ".txt")
-    return txt, txt.with_name(txt.stem + "_avrot.txt"), txt.with_suffix(".png")
 
 
 def _micrograph_images(s: Settings) -> Iterator[list[np.ndarray]]:
@@ -1021,7 +1021,8 @@ _AVROT_ROWS = (
 
 def write_outputs(s: Settings, fits: Sequence[CtfFit], preview: bool = True) -> None:
     """Diagnostic MRC, _avrot.txt, preview, then the summary .txt (each atomically)."""
-    txt, avrot, png = output_paths(s.diag_path)
+    out = output_paths(s.diag_path)
+    txt, avrot, png = out.txt, out.avrot, out.preview
     now = _dt.datetime.now().strftime("%Y-%m-%d %H:%M:%S")
     head = _header(s, len(fits), now)
     diag = np.stack([f.diagnostic for f in fits]) if len(fits) > 1 else fits[0].diagnostic
@@ -1034,8 +1035,8 @@ def write_outputs(s: Settings, fits: Sequence[CtfFit], preview: bool = True) -> 
         for row in (epa, fit, frc, sig):
             lines.append(" ".join(f"{x:f}" for x in row))
     _write_text(avrot, lines)
-    if preview:
-        write_preview(png, fits[0].diagnostic)
+    if preview:  # flipped: image viewers put row 0 at the top, MRC viewers at the bottom
+        write_preview(png, np.flipud(fits[0].diagnostic))
     rows = []
     for i, f in enumerate(fits, start=1):
         vals = [i, f.defocus1_A, f.defocus2_A, f.astig_angle_deg, f.phase_shift_rad, f.score]
@@ -1052,7 +1053,8 @@ def _write_text(path: Path, lines: Sequence[str]) -> None:
 
 
 def _report(s: Settings, fits: Sequence[CtfFit], out: IO[str]) -> None:
-    txt, avrot, _ = output_paths(s.diag_path)
+    paths = output_paths(s.diag_path)
+    txt, avrot = paths.txt, paths.avrot
     if len(fits) == 1:
         f = fits[0]
         print(
@@ -1099,7 +1101,7 @@ def main(argv: Sequence[str] | None = None, stdin: IO[str] | None = None) -> int
     args = _parser().parse_args(argv)
     src = stdin if stdin is not None else sys.stdin
     lines = src.read().splitlines()
-    print(f"\n        **   Welcome to Ctffind (cryoflow built-in engine)   **\n", file=sys.stdout)
+    print("\n        **   Welcome to Ctffind (cryoflow built-in engine)   **\n", file=sys.stdout)
     try:
         settings = read_answers(lines, args.ctffind_version, echo=sys.stdout)
         if args.j is not None:

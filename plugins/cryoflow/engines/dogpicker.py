@@ -63,8 +63,19 @@ SIZE_CALIBRATION = 0.60
 #: The size-measuring scale space, in Voss radii relative to the particle radius, and its step.
 SIZE_SCALES = (0.1, 1.65)
 SIZE_SCALE_STEP = 1.2
+#: Picks whose centre is closer to the edge than this many radii are dropped. Appion uses a
+#: full radius; a particle whose centre lies exactly one radius in is whole, and the binned peak
+#: of such a particle can land a little outside, so the cut is made a quarter radius further out.
+BORDER_RADII = 0.75
+#: A pixel belongs to a dense speck when it stands out by more than this many robust standard
+#: deviations on the size scale space, and most at a size below ``min-size``. Particles and noise
+#: stay well below this (about 3-5 at the finest levels). Dense specks such as gold or ferritin
+#: reach 20-40.
+SPECK_SIGNIFICANCE = 10.0
+#: Speck masks are grown by this many particle radii, to cover the speck's CTF fringes.
+SPECK_GROWTH_RADII = 0.25
 #: Contaminant masks are grown by this many particle radii, to cover the rim of the blob too.
-MASK_GROWTH_RADII = 0.5
+MASK_GROWTH_RADII = 1.5
 
 
 class PickError(ValueError):
@@ -108,7 +119,9 @@ class DogSettings:
         if not self.kfactor > 1.0:
             raise PickError(f"k-factor must be > 1, got {self.kfactor}")
         if not self.max_thresh > self.thresh:
-            raise PickError(f"max-thresh {self.max_thresh} must be larger than thresh {self.thresh}")
+            raise PickError(
+                f"max-thresh {self.max_thresh} must be larger than thresh {self.thresh}"
+            )
         if not self.max_area > 0:
             raise PickError(f"max-area must be > 0, got {self.max_area}")
         if self.max_peaks < 1:
@@ -188,18 +201,39 @@ def slice_sigmas(
     return [s0 * k**i for i in range(len(radii) + 1)], radii
 
 
+def _smooth_background(image: np.ndarray, scale_px: float) -> np.ndarray:
+    """The image blurred to about ``scale_px``: ice gradients stay, particles wash out.
+
+    It is made on a coarse grid (block means, then a small blur, then linear interpolation
+    back), so the cost does not grow with the scale.
+    """
+    c = max(1, int(scale_px / 2))
+    coarse = ndimage.gaussian_filter(_bin_image(image, c), 2.0, mode="nearest")
+    ny, nx = image.shape
+    gy = (np.arange(ny, dtype=np.float32) + 0.5) / c - 0.5
+    gx = (np.arange(nx, dtype=np.float32) + 0.5) / c - 0.5
+    rows = np.array([np.interp(gx, np.arange(coarse.shape[1]), row) for row in coarse])
+    cols = np.array([np.interp(gy, np.arange(coarse.shape[0]), col) for col in rows.T]).T
+    return cols.astype(np.float32)
+
+
 class _GaussianSpace:
-    """Gaussian blurs of one image made by FFT, on a mirror-padded copy (no wrap-around).
+    """Gaussian blurs of one image made by FFT, on a padded copy (no wrap-around).
 
     One forward transform is shared by every blur, so a scale space costs one inverse transform
     per level. That is far cheaper than direct convolution at the sigmas a particle needs.
+    Padding mirrors only the smooth background (``background_px``). Mirroring the image itself
+    would put a twin beside every particle near the edge and pull its peak outwards.
     """
 
-    def __init__(self, image: np.ndarray, max_sigma: float) -> None:
+    def __init__(self, image: np.ndarray, max_sigma: float, background_px: float) -> None:
         ny, nx = image.shape
         self.shape = (ny, nx)
         self.pad = min(int(math.ceil(3.0 * max_sigma)), ny - 1, nx - 1)
-        padded = np.pad(image.astype(np.float32, copy=False), self.pad, mode="reflect")
+        img = image.astype(np.float32, copy=False)
+        low = _smooth_background(img, background_px)
+        padded = np.pad(low, self.pad, mode="reflect")
+        padded[self.pad : self.pad + ny, self.pad : self.pad + nx] = img
         self.fshape = tuple(sfft.next_fast_len(n, real=True) for n in padded.shape)
         self.ft = sfft.rfft2(padded, s=self.fshape)
         self.fy2 = (sfft.fftfreq(self.fshape[0]) ** 2).astype(np.float32)
@@ -235,7 +269,7 @@ class _Candidates:
     x: np.ndarray
     value: np.ndarray
     too_big: np.ndarray
-    blob_masks: list[np.ndarray]  # per slice: pixels of rejected (too big / too strong) blobs
+    blob_masks: list[np.ndarray]  # per slice: pixels of blobs too large to be particles
 
 
 def _subpixel(m: np.ndarray, iy: np.ndarray, ix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -256,10 +290,19 @@ def _find_candidates(
     space: _GaussianSpace,
     sigmas: Sequence[float],
     s: DogSettings,
-    max_area_px: float,
+    radius_px: float,
     exclude: np.ndarray | None,
 ) -> _Candidates:
-    """Threshold every DoG slice; one peak per connected blob (Appion's findBlobs)."""
+    """Local maxima above the threshold in every DoG slice, with their blob's area test.
+
+    Appion takes one peak per thresholded blob. At high signal-to-noise the blobs of neighbouring
+    particles merge, so every local maximum (in a window of one radius) is a candidate here
+    instead. The blob area is counted above half the blob's own peak, or above the threshold if
+    that is higher. For weak blobs this is Appion's thresholded area. For strong ones it stays a
+    measure of shape, so a clear particle does not count as contamination just for being clear.
+    """
+    max_area_px = s.max_area * math.pi * (2.0 * radius_px) ** 2  # Appion: x pi x diameter^2
+    window = 2 * max(1, int(radius_px / 2)) + 1
     ys, xs, vals, bigs, masks = [], [], [], [], []
     prev = space.blur(sigmas[0])
     for sigma in sigmas[1:]:
@@ -268,18 +311,18 @@ def _find_candidates(
         prev = nxt
         med, spread = _robust_scale(dog, exclude)
         nm = (dog - med) / (4.0 * spread)
-        labels, n = ndimage.label(nm > s.thresh, structure=np.ones((3, 3), bool))
+        above = nm > s.thresh
+        labels, n = ndimage.label(above, structure=np.ones((3, 3), bool))
         if n == 0:
             continue
-        idx = np.arange(1, n + 1)
-        pos = np.array(ndimage.maximum_position(nm, labels, idx), dtype=int).reshape(-1, 2)
-        value = nm[pos[:, 0], pos[:, 1]]
-        area = np.bincount(labels.ravel(), minlength=n + 1)[1:]
+        blob_max = np.asarray(ndimage.maximum(nm, labels, np.arange(1, n + 1)), dtype=float)
+        level = np.concatenate([[np.inf], np.maximum(s.thresh, 0.5 * blob_max)])
+        area = np.bincount(labels[nm > level[labels]], minlength=n + 1)[1:]
         big = area > max_area_px
-        bad = np.concatenate([[False], big | (value > s.max_thresh)])
-        masks.append(bad[labels])
-        fy, fx = _subpixel(nm, pos[:, 0], pos[:, 1])
-        ys.append(fy), xs.append(fx), vals.append(value), bigs.append(big)
+        masks.append(np.concatenate([[False], big])[labels])
+        py, px = np.nonzero(above & (nm >= ndimage.maximum_filter(nm, size=window)))
+        fy, fx = _subpixel(nm, py, px)
+        ys.append(fy), xs.append(fx), vals.append(nm[py, px]), bigs.append(big[labels[py, px] - 1])
     if not ys:
         e = np.empty(0)
         return _Candidates(e, e, e, e.astype(bool), masks)
@@ -311,6 +354,25 @@ def _size_scales(radius_px: float) -> tuple[np.ndarray, np.ndarray]:
     return radii, _ek(k) * lo * k ** np.arange(n + 1)
 
 
+def _scale_space(space: _GaussianSpace, radius_px: float, exclude: np.ndarray | None):
+    """Yield (diameter px, significance map) for each level of the size-measuring space.
+
+    With one ratio k for all levels, ``G(s) - G(ks)`` is the scale-normalised Laplacian
+    (Lindeberg), so a blob's size is the level it answers to best. On a real micrograph shot
+    noise dominates the finest levels, so each level is divided by its own robust spread: the
+    size is where the blob is most *significant*. The diameter is calibrated (SIZE_CALIBRATION)
+    so that a projected sphere measures its own diameter.
+    """
+    radii, sigmas = _size_scales(radius_px)
+    prev = space.blur(sigmas[0])
+    for i, sigma in enumerate(sigmas[1:]):
+        nxt = space.blur(sigma)
+        dog = prev - nxt
+        prev = nxt
+        med, spread = _robust_scale(dog, exclude)
+        yield 2.0 * radii[i] / SIZE_CALIBRATION, (dog - med) / spread
+
+
 def _best_size(
     space: _GaussianSpace,
     radius_px: float,
@@ -318,23 +380,34 @@ def _best_size(
     cols: np.ndarray,
     exclude: np.ndarray | None,
 ) -> np.ndarray:
-    """Diameter (px) each point stands out best at, on a DoG scale space with one fixed ratio.
+    """The diameter (px) at which each point stands out most."""
+    best = np.full(rows.size, -np.inf)
+    size = np.zeros(rows.size)
+    for diam, z in _scale_space(space, radius_px, exclude):
+        here = z[rows, cols]
+        better = here > best
+        best[better], size[better] = here[better], diam
+    return size
 
-    Each level's response is divided by that level's robust spread: shot noise dominates the
-    finest levels, and a blob's size is the scale at which it is most *significant*. In noise-free
-    images the raw values would do (with a fixed ratio, G(s) - G(ks) is the scale-normalised
-    Laplacian), but on a real micrograph they send every weak particle to the finest level.
+
+def _speck_mask(space: _GaussianSpace, radius_px: float, min_size: float) -> np.ndarray | None:
+    """Pixels of dense specks: very significant, and most significant below ``min_size``.
+
+    Specks too small to be particles still add up at the particle's scale when a few lie close
+    together, so they are painted out before picking, as contamination is. None if there are none.
     """
-    radii, sigmas = _size_scales(radius_px)
-    resp = np.empty((radii.size, rows.size))
-    prev = space.blur(sigmas[0])
-    for i, sigma in enumerate(sigmas[1:]):
-        nxt = space.blur(sigma)
-        dog = prev - nxt
-        prev = nxt
-        med, spread = _robust_scale(dog, exclude)
-        resp[i] = (dog[rows, cols] - med) / spread
-    return 2.0 * radii[np.argmax(resp, axis=0)] / SIZE_CALIBRATION
+    small = rest = None
+    for diam, z in _scale_space(space, radius_px, None):
+        if diam < min_size * 2.0 * radius_px:
+            small = z if small is None else np.maximum(small, z)
+        else:
+            rest = z if rest is None else np.maximum(rest, z)
+    if small is None or rest is None:
+        return None
+    core = (small > SPECK_SIGNIFICANCE) & (small > rest)
+    if not core.any():
+        return None
+    return ndimage.distance_transform_edt(~core) <= SPECK_GROWTH_RADII * radius_px + 1.0
 
 
 def _suppress_overlaps(y: np.ndarray, x: np.ndarray, score: np.ndarray, cutoff: float):
@@ -382,26 +455,37 @@ def pick(image: np.ndarray, settings: DogSettings) -> Picks:
     binned -= float(np.median(binned))
     sigmas, _ = slice_sigmas(r, s.num_slices, s.size_range_A / s.pixel_size_A / b / 2.0, s.kfactor)
     max_sigma = max(sigmas[-1], _size_scales(r)[1][-1])
-    max_area_px = s.max_area * math.pi * (2.0 * r) ** 2  # Appion: max-area x pi x diameter^2
 
-    space = _GaussianSpace(binned, max_sigma)
-    cand = _find_candidates(space, sigmas, s, max_area_px, None)
-    mask = _contamination_mask(cand.blob_masks, MASK_GROWTH_RADII * r)
-    if mask is not None:
-        # Paint the contamination out with the background and look again (see module doc).
-        painted = np.where(mask, np.float32(0.0), binned)
-        space = _GaussianSpace(painted, max_sigma)
-        cand = _find_candidates(space, sigmas, s, max_area_px, mask)
+    space = _GaussianSpace(binned, max_sigma, 4.0 * r)
+    specks = _speck_mask(space, r, s.min_size)
+    work = binned
+    if specks is not None:
+        # Paint dense specks out with the background, so clusters of them cannot add up to a
+        # particle-sized blob (see module doc).
+        work = np.where(specks, np.float32(0.0), binned)
+        space = _GaussianSpace(work, max_sigma, 4.0 * r)
+    cand = _find_candidates(space, sigmas, s, r, specks)
+    contam = _contamination_mask(cand.blob_masks, MASK_GROWTH_RADII * r)
+    exclude = specks
+    if contam is not None:
+        # Paint the contamination out too and look again.
+        exclude = contam if specks is None else contam | specks
+        work = np.where(contam, np.float32(0.0), work)
+        space = _GaussianSpace(work, max_sigma, 4.0 * r)
+        cand = _find_candidates(space, sigmas, s, r, exclude)
 
     y, x, v = cand.y, cand.x, cand.value
     ny, nx = binned.shape
+    edge = BORDER_RADII * r
     iy = np.clip(np.rint(y).astype(int), 0, ny - 1)
     ix = np.clip(np.rint(x).astype(int), 0, nx - 1)
+    none = np.zeros(v.size, dtype=bool)
     tests = [
         ("area", cand.too_big),
         ("max_thresh", v > s.max_thresh),
-        ("border", (x < r) | (y < r) | (x > nx - 1 - r) | (y > ny - 1 - r)),
-        ("contamination", mask[iy, ix] if mask is not None else np.zeros(v.size, bool)),
+        ("border", (x < edge) | (y < edge) | (x > nx - 1 - edge) | (y > ny - 1 - edge)),
+        ("contamination", contam[iy, ix] if contam is not None else none),
+        ("speck", specks[iy, ix] if specks is not None else none),
     ]
     ok = np.ones(v.size, dtype=bool)
     rejected: dict[str, int] = {}
@@ -410,7 +494,7 @@ def pick(image: np.ndarray, settings: DogSettings) -> Picks:
         ok &= ~failed
     size = np.full(v.size, np.nan)
     if ok.any():
-        size[ok] = _best_size(space, r, iy[ok], ix[ok], mask)
+        size[ok] = _best_size(space, r, iy[ok], ix[ok], exclude)
     off_size = ok & ((size < s.min_size * 2 * r) | (size > s.max_size * 2 * r))
     rejected["size"] = int(off_size.sum())
     ok &= ~off_size
@@ -459,9 +543,7 @@ class MatchResult:
         return 2 * p * r / (p + r) if p + r else 0.0
 
 
-def match_picks(
-    picks_xy: np.ndarray, true_xy: np.ndarray, tolerance_px: float
-) -> MatchResult:
+def match_picks(picks_xy: np.ndarray, true_xy: np.ndarray, tolerance_px: float) -> MatchResult:
     """Pair picks with true centres one-to-one (Hungarian), counting pairs within tolerance.
 
     A second pick on the same particle is a false positive, as it is for a user: it yields a
@@ -571,35 +653,73 @@ def _parser() -> argparse.ArgumentParser:
         "Appion's ApDogPicker.py) on one MRC micrograph.",
     )
     p.add_argument("-i", "--image", required=True, type=Path, help="micrograph, MRC")
-    p.add_argument("-o", "--outfile", type=Path, default=Path("picks.txt"),
-                   help="x<TAB>y pick file (default: picks.txt)")
+    p.add_argument(
+        "-o",
+        "--outfile",
+        type=Path,
+        default=Path("picks.txt"),
+        help="x<TAB>y pick file (default: picks.txt)",
+    )
     p.add_argument("--star", type=Path, help="also write a RELION coordinate STAR file here")
     p.add_argument("--preview", type=Path, help="also write a PNG/JPEG with the picks drawn")
     p.add_argument("-d", "--diam", required=True, type=float, help="particle diameter, A")
-    p.add_argument("-a", "--apix", type=float,
-                   help="pixel size, A (default: from the MRC header)")
-    p.add_argument("-t", "--thresh", type=float, default=0.6,
-                   help="pick threshold, in quarter standard deviations of the DoG map")
-    p.add_argument("--max-thresh", type=float, default=1.5,
-                   help="blobs stronger than this are contamination")
+    p.add_argument("-a", "--apix", type=float, help="pixel size, A (default: from the MRC header)")
+    p.add_argument(
+        "-t",
+        "--thresh",
+        type=float,
+        default=0.6,
+        help="pick threshold, in quarter standard deviations of the DoG map",
+    )
+    p.add_argument(
+        "--max-thresh", type=float, default=1.5, help="blobs stronger than this are contamination"
+    )
     p.add_argument("--num-slices", type=int, default=2, help="number of DoG sizes to try")
-    p.add_argument("--size-range", type=float, default=10.0,
-                   help="range of diameters about --diam to search, A")
-    p.add_argument("--kfactor", type=float, default=1.1,
-                   help="sigma ratio of a single DoG (used when --num-slices is 1)")
-    p.add_argument("--max-area", type=float, default=0.3,
-                   help="a thresholded blob larger than MAX_AREA x pi x diam^2 is contamination")
+    p.add_argument(
+        "--size-range",
+        type=float,
+        default=10.0,
+        help="range of diameters about --diam to search, A",
+    )
+    p.add_argument(
+        "--kfactor",
+        type=float,
+        default=1.1,
+        help="sigma ratio of a single DoG (used when --num-slices is 1)",
+    )
+    p.add_argument(
+        "--max-area",
+        type=float,
+        default=0.3,
+        help="a thresholded blob larger than MAX_AREA x pi x diam^2 is contamination",
+    )
     p.add_argument("--max-peaks", type=int, default=500, help="keep at most this many picks")
-    p.add_argument("--overlap-mult", type=float, default=1.5,
-                   help="picks closer than this many particle radii: keep the stronger")
-    p.add_argument("--min-size", type=float, default=0.5,
-                   help="refuse blobs whose measured size is below this fraction of --diam")
-    p.add_argument("--max-size", type=float, default=2.0,
-                   help="refuse blobs whose measured size is above this multiple of --diam")
-    p.add_argument("--bin", type=int, default=0,
-                   help="bin the micrograph by this factor first (0: automatic)")
-    p.add_argument("--invert", action="store_true",
-                   help="invert contrast first (DoG picks white blobs; cryo particles are dark)")
+    p.add_argument(
+        "--overlap-mult",
+        type=float,
+        default=1.5,
+        help="picks closer than this many particle radii: keep the stronger",
+    )
+    p.add_argument(
+        "--min-size",
+        type=float,
+        default=0.5,
+        help="refuse blobs whose measured size is below this fraction of --diam",
+    )
+    p.add_argument(
+        "--max-size",
+        type=float,
+        default=2.0,
+        help="refuse blobs whose measured size is above this multiple of --diam",
+    )
+    p.add_argument(
+        "--bin", type=int, default=0, help="bin the micrograph by this factor first (0: automatic)"
+    )
+    p.add_argument(
+        "--invert",
+        action="store_true",
+        help="invert contrast first (DoG picks white blobs; cryo particles are dark)",
+    )
     return p
 
 
@@ -630,7 +750,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             max_size=args.max_size,
         )
         if args.preview is not None and args.preview.suffix.lower() not in {
-            ".png", ".jpg", ".jpeg"
+            ".png",
+            ".jpg",
+            ".jpeg",
         }:
             raise PickError(f"{args.preview}: preview must be .png, .jpg or .jpeg")
         picks = pick(image, settings)
@@ -641,8 +763,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.star is not None:
         write_star(args.star, picks)
     if args.preview is not None:
-        write_preview(args.preview, image, picks, settings.diameter_A / apix,
-                      invert=settings.invert)
+        write_preview(
+            args.preview, image, picks, settings.diameter_A / apix, invert=settings.invert
+        )
     rejected = ", ".join(f"{k} {v}" for k, v in picks.rejected.items() if v)
     print(
         f"cryoflow-dogpicker: {args.image}: {len(picks)} particles "

@@ -257,6 +257,14 @@ def _subpixel(c_m: float, c_0: float, c_p: float) -> float:
     return 0.0
 
 
+def smooth_trajectory(shifts: np.ndarray, weight: float) -> np.ndarray:
+    """MotionCor2's CStackShift::Smooth: s_i <- w s_i + (1 - w)/2 (s_i-1 + s_i+1), ends kept."""
+    out = shifts.copy()
+    if len(shifts) > 2 and weight < 1.0:
+        out[1:-1] = weight * shifts[1:-1] + 0.5 * (1.0 - weight) * (shifts[:-2] + shifts[2:])
+    return out
+
+
 def find_peak(cc: np.ndarray, max_shift: float) -> tuple[float, float]:
     """Sub-pixel (dx, dy) of the highest correlation within ``max_shift`` px of zero (periodic)."""
     ny, nx = cc.shape
@@ -286,12 +294,15 @@ def align_spectra(
     tolerance: float,
     max_shift: float | None = None,
     binning: tuple[float, float] = (1.0, 1.0),
+    smooth: Sequence[float] = (0.5, 0.4),
 ) -> AlignOutcome:
     """Iterative frame-vs-sum-of-others alignment of rfft2 ``spectra`` (n, my, mx//2+1).
 
     ``binning`` (bx, by) converts grid px to the caller's px: returned shifts and ``tolerance``
     are in the caller's px. ``bfactor`` is MotionCor2's -Bft in (caller's) px^2 units: the
     correlation is low-passed by ``exp(-B f^2 / 2)`` with f in cycles per caller's pixel.
+    ``smooth``: the weights of MotionCor2's two final neighbour-smoothing passes (0.5, then
+    0.3 + 0.1 * group size); ``()`` returns the raw per-frame measurements.
     """
     n = spectra.shape[0]
     my, mx = grid_shape
@@ -328,6 +339,8 @@ def align_spectra(
         if err < tolerance and it > 1:
             converged = True
             break
+    for w in smooth:
+        shifts = smooth_trajectory(shifts, w)
     return AlignOutcome(shifts=shifts, iterations=it, converged=converged, errors=errors)
 
 

@@ -64,7 +64,10 @@ def transfer_batch(
     report = _transfer(facility, scope, SessionHandle.from_dict(session), files, batch=run_id)
     log.info(
         "Batch: %d copied, %d already there, %d failed, %d still changing",
-        len(report.copied), len(report.skipped), len(report.failed), len(report.retry_later),
+        len(report.copied),
+        len(report.skipped),
+        len(report.failed),
+        len(report.retry_later),
     )
     if report.failed:
         # The verified files are recorded; a retry of this task only redoes the failed ones.
@@ -92,7 +95,9 @@ def plan_continuation() -> dict[str, Any]:
 
 
 @task
-def close_session(session: dict[str, Any], event: dict[str, Any] | None, microscope_id: str) -> dict:
+def close_session(
+    session: dict[str, Any], event: dict[str, Any] | None, microscope_id: str
+) -> dict:
     """Close the session in the ledger and write its summary to <session>/logs."""
     facility, _ = _site(microscope_id)
     reason = (event or {}).get("reason") or "ended by an operator"
