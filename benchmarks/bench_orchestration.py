@@ -97,6 +97,7 @@ def _last_exit_mtime(job_dir: str) -> float:
 
 async def _run_batch(backend: dict[str, Any], n: int, label: str) -> Sample:
     from airflow.sdk.exceptions import TaskDeferred
+
     from cryoflow.triggers.slurm_job import SlurmJobTrigger
 
     class CountingTrigger(SlurmJobTrigger):
@@ -192,8 +193,9 @@ def main() -> int:
     }
     import logging
 
-    import cryoflow.operators.compute_job  # noqa: F401  (Airflow configures logging on import)
     import structlog
+
+    import cryoflow.operators.compute_job  # noqa: F401  (Airflow configures logging on import)
 
     logging.disable(logging.WARNING)  # keep the figures readable: task logs are INFO
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.ERROR))

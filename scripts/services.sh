@@ -28,6 +28,7 @@ SLURM_ETC=/etc/slurm
 SSHD_CONFIG=/etc/ssh/cryoflow_sshd_config
 SSHD_PID=/run/sshd-cryoflow.pid
 PACKAGES=(munge slurmctld slurmd slurm-client slurmdbd openssh-server)
+DB_PASSWORD=''
 WAIT_S=30
 
 log() { printf '[services] %s\n' "$*" >&2; }
@@ -97,9 +98,12 @@ ensure_packages() {
     ((${#missing[@]} == 0)) && return 0
     log "installing ${missing[*]}"
     export DEBIAN_FRONTEND=noninteractive
-    if ! apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null; then
-        apt-get update -q >/dev/null
-        apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
+    # Wait for a dpkg lock held by someone else instead of failing; `apt-get update` only when
+    # the package lists are missing or stale (the first install attempt fails).
+    local apt=(apt-get -o DPkg::Lock::Timeout=300 -y -q --no-install-recommends)
+    if ! "${apt[@]}" install "${missing[@]}" >/dev/null 2>&1; then
+        apt-get -o DPkg::Lock::Timeout=300 -q update >/dev/null
+        "${apt[@]}" install "${missing[@]}" >/dev/null || die "apt-get install ${missing[*]} failed"
     fi
 }
 
@@ -114,9 +118,12 @@ mariadb_up() {
         touch "$STATE_DIR/.mariadb-started-here"
         wait_until "$WAIT_S" "MariaDB to answer" mariadb_root -e 'SELECT 1' || die "MariaDB did not start"
     fi
-    local pw_file="$STATE_DIR/slurmdbd-db.pw"
-    [[ -s $pw_file ]] || (umask 077 && head -c 18 /dev/urandom | base64 | tr -d '/+=' >"$pw_file")
-    local pw; pw=$(<"$pw_file")
+    # The accounting DB password lives only in slurmdbd.conf (slurm-only, 0600): reuse it, so a
+    # second state dir or a re-run never changes the password under a running slurmdbd.
+    local pw=''
+    [[ -r $SLURM_ETC/slurmdbd.conf ]] && pw=$(sed -n 's/^StoragePass=//p' "$SLURM_ETC/slurmdbd.conf")
+    [[ -n $pw ]] || pw=$(head -c 18 /dev/urandom | base64 | tr -d '/+=')
+    DB_PASSWORD=$pw
     mariadb_root <<SQL
 CREATE DATABASE IF NOT EXISTS slurm_acct_db;
 CREATE USER IF NOT EXISTS 'slurm'@'localhost' IDENTIFIED BY '$pw';
@@ -195,6 +202,8 @@ SlurmdParameters=config_overrides
 ReturnToService=2
 MpiDefault=none
 SchedulerType=sched/backfill
+# Test cluster: backfill every second (default 30 s) so array waves start without long gaps.
+SchedulerParameters=bf_interval=1
 KillWait=5
 InactiveLimit=0
 MinJobAge=300
@@ -230,7 +239,7 @@ StorageType=accounting_storage/mysql
 StorageHost=127.0.0.1
 StoragePort=3306
 StorageUser=slurm
-StoragePass=$(<"$STATE_DIR/slurmdbd-db.pw")
+StoragePass=$DB_PASSWORD
 StorageLoc=slurm_acct_db
 CONF
     chown slurm:slurm "$tmp" && chmod 0600 "$tmp" && mv -f "$tmp" "$SLURM_ETC/slurmdbd.conf"
@@ -296,7 +305,11 @@ sshd_up() {
     local home; home=$(getent passwd "$SSH_USER" | cut -d: -f6)
     [[ -s $STATE_DIR/id_ed25519 ]] || ssh-keygen -q -t ed25519 -N '' -C "$SSH_USER@cryoflow-services" -f "$STATE_DIR/id_ed25519"
     install -d -o "$SSH_USER" -g "$SSH_USER" -m 0700 "$home/.ssh"
-    install -o "$SSH_USER" -g "$SSH_USER" -m 0600 "$STATE_DIR/id_ed25519.pub" "$home/.ssh/authorized_keys"
+    # Append, never replace: several state dirs (CI, a developer) may share this machine's user.
+    touch "$home/.ssh/authorized_keys"
+    grep -qxF "$(<"$STATE_DIR/id_ed25519.pub")" "$home/.ssh/authorized_keys" \
+        || cat "$STATE_DIR/id_ed25519.pub" >>"$home/.ssh/authorized_keys"
+    chown "$SSH_USER:$SSH_USER" "$home/.ssh/authorized_keys" && chmod 0600 "$home/.ssh/authorized_keys"
     install -d -o "$SSH_USER" -g "$SSH_USER" -m 0755 "$home/cryoflow-jobs"
 
     local tmp

@@ -243,6 +243,46 @@ def test_trigger_gives_up_with_an_error_event_when_ssh_stays_down(
     assert "after 3 failed polls" in events[0]["message"]
 
 
+def test_job_unknown_to_slurm_is_declared_lost_not_followed_forever(
+    slurm_services: SlurmServices,
+) -> None:
+    # Never submitted: not queued, no accounting record, no exit file (like a job cancelled
+    # while accounting was down).
+    job = SubmittedJob("999999", "/home/cryo/never", 2)
+    trigger = _trigger(slurm_services, job, poll_interval_s=0.1, lost_after_polls=3)
+
+    events = asyncio.run(_events(trigger, timeout_s=20))
+
+    assert [e["status"] for e in events] == ["failed"]
+    assert events[0]["tasks"] == {str(i): {"state": "LOST", "exit_code": None} for i in range(2)}
+
+
+def test_host_key_checking_is_on_and_a_wrong_key_fails_fast(
+    monkeypatch: pytest.MonkeyPatch, slurm_services: SlurmServices
+) -> None:
+    host_key = (slurm_services.state_dir / "host_key.pub").read_text().strip()
+    other_key = " ".join(slurm_services.key_file.with_suffix(".pub").read_text().split()[:2])
+    assert host_key in slurm_services.conn_json and other_key != host_key
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_CRYOFLOW_IMPOSTOR_SSH", slurm_services.conn_json.replace(host_key, other_key)
+    )
+    with pytest.raises(SlurmCommandError, match="(?i)host key"):
+        SlurmHook("cryoflow_impostor_ssh").run("true")
+
+    _CountingTrigger.connects = 0
+    trigger = _CountingTrigger(
+        backend={**_backend(slurm_services), "ssh_conn_id": "cryoflow_impostor_ssh"},
+        job_id="999999",
+        job_dir="/home/cryo/none",
+        n_tasks=1,
+        backoff_base_s=5,  # a retry would blow the timeout below
+    )
+    events = asyncio.run(_events(trigger, timeout_s=4))
+    assert [e["status"] for e in events] == ["error"]
+    assert "HostKeyNotVerifiable" in events[0]["message"]
+    assert _CountingTrigger.connects == 1
+
+
 def test_trigger_on_kill_cancels_the_job(
     hook: SlurmHook, slurm_services: SlurmServices, remote_job_root: str
 ) -> None:

@@ -272,6 +272,55 @@ def test_a_stack_of_micrographs_gives_one_row_each(
         assert m.data.shape == (2, 512, 512)
 
 
+def test_phase_plate_shift_is_found(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    truth = CTFParams(9000.0, 8400.0, 25.0, phase_shift_rad=1.2)
+    mic = tmp_path / "vpp.mrc"
+    write_mrc(mic, micrograph((1024, 1024), truth, seed=1), 1.0)
+    params = CtffindParams(
+        input_path=mic,
+        diag_path=tmp_path / "vpp_ctf.mrc",
+        pixel_size_A=1.0,
+        find_phase_shift=True,
+        phase_shift_step_rad=0.2,
+    )
+    rc, out, err = run_engine(stdin_answers(params, "4"), capsys=capsys)
+    assert rc == 0, err
+    assert "Additional phase shift" in out
+    est = parse_ctffind_txt(output_paths(params.diag_path).txt).single
+    assert est.phase_shift_rad == pytest.approx(1.2, abs=0.2)
+    # Phase shift and defocus trade off at low resolution: judged at 2 % on this small image.
+    assert (
+        ctf_errors(
+            est.defocus_1_A,
+            est.defocus_2_A,
+            est.astigmatism_angle_deg,
+            truth,
+            rel=0.02,
+            angle_tol_deg=10.0,
+        )
+        == []
+    )
+
+
+def test_known_defocus_is_scored_not_searched(
+    tmp_path: Path, small_mic: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    scores = {}
+    for name, known in (("true", (15000.0, 15000.0, 0.0)), ("wrong", (13000.0, 12500.0, 0.0))):
+        params = CtffindParams(
+            input_path=small_mic,
+            diag_path=tmp_path / f"{name}_ctf.mrc",
+            pixel_size_A=1.0,
+            known_defocus_A=known,
+        )
+        rc, _, err = run_engine(stdin_answers(params, "5"), capsys=capsys)
+        assert rc == 0, err
+        est = parse_ctffind_txt(output_paths(params.diag_path).txt).single
+        assert (est.defocus_1_A, est.defocus_2_A) == pytest.approx(known[:2])
+        scores[name] = est.cross_correlation
+    assert scores["true"] > scores["wrong"] + 0.05
+
+
 # --------------------------------------------------------------------------- the "fit resolution"
 
 

@@ -35,6 +35,8 @@ __all__ = [
     "TaskLogs",
     "TaskStatus",
     "build_array_script",
+    "decode_tail",
+    "parse_exit_name",
     "slurm_directives",
 ]
 

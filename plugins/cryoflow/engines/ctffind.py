@@ -351,7 +351,7 @@ def _tile_starts(n: int, tile: int) -> np.ndarray:
 
 
 def tile_periodogram_sum(image: np.ndarray, tile: int, workers: int = 1) -> tuple[np.ndarray, int]:
-    """Sum of |rfft2|^2 of the mean-removed tiles of ``image``: the spectrum's FFT cost floor.
+    """Sum of |rfft2|^2 of the tiles of ``image`` (DC removed): the spectrum's FFT cost floor.
 
     Images smaller than a tile are padded with their mean (as CTFFIND pads to a square).
     """
@@ -363,15 +363,16 @@ def tile_periodogram_sum(image: np.ndarray, tile: int, workers: int = 1) -> tupl
         padded[:ny, :nx] = img
         img, (ny, nx) = padded, padded.shape
     ys, xs = _tile_starts(ny, tile), _tile_starts(nx, tile)
-    acc = np.zeros((tile, tile // 2 + 1), dtype=np.float64)
+    half = tile // 2 + 1
+    acc = np.zeros((tile, half), dtype=np.float64)
     batch = np.empty((len(xs), tile, tile), dtype=np.float32)
     for y in ys:
         band = np.asarray(img[y : y + tile], dtype=np.float32)  # one row of tiles from a memmap
         for k, x in enumerate(xs):
             batch[k] = band[:, x : x + tile]
-        batch -= batch.mean(axis=(1, 2), keepdims=True)
-        ft = scipy.fft.rfft2(batch, workers=workers)
-        acc += (ft.real**2 + ft.imag**2).sum(axis=0)
+        ft = scipy.fft.rfft2(batch, workers=workers).view(np.float32).reshape(len(xs), -1)
+        acc += np.einsum("ij,ij->j", ft, ft).reshape(tile, half, 2).sum(axis=-1)  # |F|^2
+    acc[0, 0] = 0.0  # a tile's mean only moves its DC term: removing it is zeroing this
     return acc, len(ys) * len(xs)
 
 
@@ -638,7 +639,8 @@ def fit_ctf(spectrum: Spectrum, opts: FitOptions) -> CtfFit:
     if opts.max_res_A < 2.0 * p:
         raise CtffindError(
             f"maximum resolution {opts.max_res_A:g} A is beyond Nyquist ({2 * p:g} A at the "
-            f"fitting pixel size {p:.3f} A); ask for a coarser maximum resolution"
+            f"fitting pixel size {p:.3f} A); ask for a coarser maximum resolution, or answer no "
+            f"to 'Resample micrograph if pixel size too small?' (expert options)"
         )
     if opts.min_res_A * 1.0 > box * p / 2.0:
         raise CtffindError(

@@ -5,21 +5,27 @@ Stands in for Appion's ``ApDogPicker.py``. It keeps that tool's flags where it h
 ``--num-slices``, ``--size-range``, ``--max-area``, ``--max-peaks``) and Appion's names for the
 rest (``--kfactor``, ``--invert``, ``--bin``, ``--overlap-mult``). It also keeps the maths: sigma
 from the radius through Voss's k-factor, a stack of DoG maps spread over the size range,
-thresholds in a quarter of the map's standard deviation, one peak per thresholded blob, and the
-plain ``x<TAB>y`` pick file. The pipeline also gets a RELION coordinate STAR file (``--star``)
-and a preview with the picks drawn (``--preview``).
+thresholds in quarter standard deviations, Appion's blob-area test, and the plain ``x<TAB>y`` pick
+file. The pipeline also gets a RELION coordinate STAR file (``--star``) and a preview with the
+picks drawn (``--preview``).
 
 Where this engine differs from Appion, and why:
 
-* The map's spread comes from the median absolute deviation, not the standard deviation, so one
-  ice crystal cannot raise every threshold on the micrograph.
-* Blobs that Appion would throw away as contamination (larger than ``--max-area``, or stronger
-  than ``--max-thresh``) are also painted out with the background level and the maps are made
-  again. Without this, the dark rim of an ice crystal hides the real particles beside it.
+* Map values are in quarter *noise* standard deviations, taken from the median absolute
+  deviation, not from the plain standard deviation. So one ice crystal cannot raise every
+  threshold on the micrograph. For the same reason a bright, isolated particle scores high, so
+  the default ``--max-thresh`` is 6, not 1.5.
+* Blobs larger than ``--max-area`` (contamination) are painted out with the background level, and
+  the maps are made again. Otherwise the dark rim of an ice crystal hides the particles beside it.
+  Dense specks (gold, ferritin, stain grains) are found on a scale space and painted out the same
+  way. Otherwise a few specks close together add up to a particle-sized blob.
 * Each candidate's own size is measured on a wider scale space, from a sixth of the particle
-  diameter to nearly three diameters. Blobs that answer best well below the particle size (dense
-  specks) or well above it are refused (``--min-size``, ``--max-size``).
+  diameter to nearly three diameters. Blobs that stand out best below ``--min-size`` or above
+  ``--max-size`` times the diameter are refused.
+* Every local maximum is a candidate, not one peak per blob, so touching particles are not merged.
+  The blob area is counted above half the blob's peak, so a strong particle is not "too large".
 * Every test runs *before* overlap removal, so a rejected blob cannot suppress a particle.
+* Picks whose centre is at least 0.75 radius inside the edge are kept (Appion: a full radius).
 """
 
 from __future__ import annotations
@@ -57,6 +63,8 @@ __all__ = [
 #: Binned particle diameter (pixels) that ``bin=0`` (automatic) aims for. It is large enough for
 #: the DoG to see the particle's shape and small enough that a K3 micrograph takes under a second.
 AUTO_BIN_TARGET_DIAMETER_PX = 24.0
+#: Smallest particle diameter the picker accepts, in pixels.
+MIN_DIAMETER_PX = 4.0
 #: A projected sphere of radius R answers best to the Voss-calibrated DoG of radius 0.60 R
 #: (measured on softened projected spheres). Sizes are divided by this to report diameters.
 SIZE_CALIBRATION = 0.60
@@ -78,18 +86,27 @@ SPECK_GROWTH_RADII = 0.25
 MASK_GROWTH_RADII = 1.5
 
 
+#: Preview file suffix -> Pillow format.
+PREVIEW_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}
+
+
 class PickError(ValueError):
     """The picker cannot work with these settings or this input; the message names the value."""
 
 
 @dataclass(frozen=True)
 class DogSettings:
-    """What the picker needs to know. Defaults are ApDogPicker's where that tool has the setting."""
+    """What the picker needs to know.
+
+    Defaults are ApDogPicker's where that tool has the setting (``max_thresh`` excepted, see the
+    module doc). ``invert`` is off as in the tool: DoG finds white blobs, so set it for
+    cryo-EM micrographs, where particles are dark.
+    """
 
     diameter_A: float
     pixel_size_A: float
     thresh: float = 0.6
-    max_thresh: float = 1.5
+    max_thresh: float = 6.0
     num_slices: int = 2
     size_range_A: float = 10.0
     kfactor: float = 1.1
@@ -104,10 +121,12 @@ class DogSettings:
     def __post_init__(self) -> None:
         if not self.pixel_size_A > 0:
             raise PickError(f"pixel size must be > 0 A, got {self.pixel_size_A}")
-        if not self.diameter_A > self.pixel_size_A:
+        if not self.diameter_A >= MIN_DIAMETER_PX * self.pixel_size_A:
             raise PickError(
-                f"particle diameter {self.diameter_A} A must be larger than the pixel size "
-                f"{self.pixel_size_A} A"
+                f"particle diameter {self.diameter_A} A is "
+                f"{self.diameter_A / self.pixel_size_A:.2g} px at {self.pixel_size_A} A/px; "
+                "a particle must span at least "
+                f"{MIN_DIAMETER_PX:g} px to be told from noise"
             )
         if not 1 <= self.num_slices <= 15:
             raise PickError(f"num-slices must be 1..15 (2-6 is usual), got {self.num_slices}")
@@ -151,9 +170,9 @@ class DogSettings:
 class Picks:
     """Picked centres in the input micrograph's pixels (x = column, y = row, from 0).
 
-    ``score`` is the DoG map value at the peak, in quarter standard deviations (Appion's unit).
-    ``diameter_A`` is the size the blob answered best to. ``rejected`` counts candidates by the
-    test that removed them.
+    ``score`` is the DoG map value at the peak, in quarter noise standard deviations.
+    ``diameter_A`` is the size at which the blob stands out most. ``rejected`` counts
+    candidates by the test that removed them.
     """
 
     x: np.ndarray
@@ -249,7 +268,7 @@ class _GaussianSpace:
 
 def _robust_scale(m: np.ndarray, exclude: np.ndarray | None) -> tuple[float, float]:
     """(centre, spread) of a map from its median and MAD, skipping ``exclude``d pixels."""
-    step = max(1, int(math.sqrt(m.size / 250_000)))
+    step = max(1, int(math.sqrt(m.size / 65_536)))
     sample = m[::step, ::step]
     if exclude is not None:
         keep = ~exclude[::step, ::step]
@@ -315,8 +334,10 @@ def _find_candidates(
         labels, n = ndimage.label(above, structure=np.ones((3, 3), bool))
         if n == 0:
             continue
-        blob_max = np.asarray(ndimage.maximum(nm, labels, np.arange(1, n + 1)), dtype=float)
-        level = np.concatenate([[np.inf], np.maximum(s.thresh, 0.5 * blob_max)])
+        blob_max = np.full(n + 1, -np.inf, dtype=np.float32)
+        np.maximum.at(blob_max, labels[above], nm[above])
+        level = np.maximum(s.thresh, 0.5 * blob_max)
+        level[0] = np.inf
         area = np.bincount(labels[nm > level[labels]], minlength=n + 1)[1:]
         big = area > max_area_px
         masks.append(np.concatenate([[False], big])[labels])
@@ -345,69 +366,66 @@ def _contamination_mask(blob_masks: list[np.ndarray], grow_px: float) -> np.ndar
     return mask
 
 
-def _size_scales(radius_px: float) -> tuple[np.ndarray, np.ndarray]:
-    """Voss radii (px) of the size-measuring space and their Gaussian sigmas (one more)."""
+def _size_levels(radius_px: float) -> tuple[np.ndarray, np.ndarray]:
+    """Calibrated diameters (px) of the size-measuring levels and their sigmas (one more)."""
     k = SIZE_SCALE_STEP
     lo, hi = SIZE_SCALES[0] * radius_px, SIZE_SCALES[1] * radius_px
     n = int(math.ceil(math.log(hi / lo) / math.log(k))) + 1
-    radii = lo * k ** np.arange(n)
-    return radii, _ek(k) * lo * k ** np.arange(n + 1)
+    radii = lo * k ** np.arange(n + 1)
+    return 2.0 * radii[:-1] / SIZE_CALIBRATION, _ek(k) * radii
 
 
-def _scale_space(space: _GaussianSpace, radius_px: float, exclude: np.ndarray | None):
-    """Yield (diameter px, significance map) for each level of the size-measuring space.
+@dataclass
+class _SizeMap:
+    """Per pixel, the scale-space level at which the image stands out most, and dense specks."""
+
+    diameters: np.ndarray  # calibrated diameter (px) of each level
+    best_level: np.ndarray  # index into diameters, per pixel
+    specks: np.ndarray | None  # pixels of dense specks, or None
+
+    def size_at(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        return self.diameters[self.best_level[rows, cols]]
+
+
+def _size_map(
+    space: _GaussianSpace, radius_px: float, min_size: float, exclude: np.ndarray | None
+) -> _SizeMap:
+    """Measure sizes on a DoG scale space with one fixed ratio between levels.
 
     With one ratio k for all levels, ``G(s) - G(ks)`` is the scale-normalised Laplacian
-    (Lindeberg), so a blob's size is the level it answers to best. On a real micrograph shot
-    noise dominates the finest levels, so each level is divided by its own robust spread: the
-    size is where the blob is most *significant*. The diameter is calibrated (SIZE_CALIBRATION)
-    so that a projected sphere measures its own diameter.
+    (Lindeberg), so a blob's size is the level it answers best to. On a real micrograph shot noise
+    dominates the finest levels, so each level is divided by its own robust spread. The size is
+    then where the blob is most *significant*. Diameters are calibrated (SIZE_CALIBRATION) so that
+    a projected sphere measures its own diameter.
+
+    Specks are pixels that stand out by more than SPECK_SIGNIFICANCE, and most at a level below
+    ``min_size``. A few specks close together would add up to a particle-sized blob, so the caller
+    paints them out as it does contamination.
     """
-    radii, sigmas = _size_scales(radius_px)
+    diameters, sigmas = _size_levels(radius_px)
     prev = space.blur(sigmas[0])
+    best = best_level = small = None
     for i, sigma in enumerate(sigmas[1:]):
         nxt = space.blur(sigma)
         dog = prev - nxt
         prev = nxt
         med, spread = _robust_scale(dog, exclude)
-        yield 2.0 * radii[i] / SIZE_CALIBRATION, (dog - med) / spread
-
-
-def _best_size(
-    space: _GaussianSpace,
-    radius_px: float,
-    rows: np.ndarray,
-    cols: np.ndarray,
-    exclude: np.ndarray | None,
-) -> np.ndarray:
-    """The diameter (px) at which each point stands out most."""
-    best = np.full(rows.size, -np.inf)
-    size = np.zeros(rows.size)
-    for diam, z in _scale_space(space, radius_px, exclude):
-        here = z[rows, cols]
-        better = here > best
-        best[better], size[better] = here[better], diam
-    return size
-
-
-def _speck_mask(space: _GaussianSpace, radius_px: float, min_size: float) -> np.ndarray | None:
-    """Pixels of dense specks: very significant, and most significant below ``min_size``.
-
-    Specks too small to be particles still add up at the particle's scale when a few lie close
-    together, so they are painted out before picking, as contamination is. None if there are none.
-    """
-    small = rest = None
-    for diam, z in _scale_space(space, radius_px, None):
-        if diam < min_size * 2.0 * radius_px:
-            small = z if small is None else np.maximum(small, z)
+        z = (dog - med) / spread
+        if best is None:
+            best, best_level = z, np.zeros(z.shape, dtype=np.int16)
         else:
-            rest = z if rest is None else np.maximum(rest, z)
-    if small is None or rest is None:
-        return None
-    core = (small > SPECK_SIGNIFICANCE) & (small > rest)
-    if not core.any():
-        return None
-    return ndimage.distance_transform_edt(~core) <= SPECK_GROWTH_RADII * radius_px + 1.0
+            better = z > best
+            best = np.where(better, z, best)
+            best_level[better] = i
+        if diameters[i] < min_size * 2.0 * radius_px:
+            small = z if small is None else np.maximum(small, z)
+    specks = None
+    if small is not None:
+        core = (small > SPECK_SIGNIFICANCE) & (small >= best)
+        if core.any():
+            grow = SPECK_GROWTH_RADII * radius_px + 1.0
+            specks = ndimage.distance_transform_edt(~core) <= grow
+    return _SizeMap(diameters, best_level, specks)
 
 
 def _suppress_overlaps(y: np.ndarray, x: np.ndarray, score: np.ndarray, cutoff: float):
@@ -454,25 +472,29 @@ def pick(image: np.ndarray, settings: DogSettings) -> Picks:
         )
     binned -= float(np.median(binned))
     sigmas, _ = slice_sigmas(r, s.num_slices, s.size_range_A / s.pixel_size_A / b / 2.0, s.kfactor)
-    max_sigma = max(sigmas[-1], _size_scales(r)[1][-1])
+    max_sigma = max(sigmas[-1], _size_levels(r)[1][-1])
 
-    space = _GaussianSpace(binned, max_sigma, 4.0 * r)
-    specks = _speck_mask(space, r, s.min_size)
-    work = binned
+    def space_of(im: np.ndarray) -> _GaussianSpace:
+        return _GaussianSpace(im, max_sigma, 4.0 * r)
+
+    space = space_of(binned)
+    sizes = _size_map(space, r, s.min_size, None)
+    specks = sizes.specks
+    work, exclude = binned, specks
     if specks is not None:
-        # Paint dense specks out with the background, so clusters of them cannot add up to a
-        # particle-sized blob (see module doc).
+        # Paint dense specks out with the background level (see module doc).
         work = np.where(specks, np.float32(0.0), binned)
-        space = _GaussianSpace(work, max_sigma, 4.0 * r)
-    cand = _find_candidates(space, sigmas, s, r, specks)
+        space = space_of(work)
+    cand = _find_candidates(space, sigmas, s, r, exclude)
     contam = _contamination_mask(cand.blob_masks, MASK_GROWTH_RADII * r)
-    exclude = specks
     if contam is not None:
-        # Paint the contamination out too and look again.
+        # Paint the contamination out too, and look again.
         exclude = contam if specks is None else contam | specks
         work = np.where(contam, np.float32(0.0), work)
-        space = _GaussianSpace(work, max_sigma, 4.0 * r)
+        space = space_of(work)
         cand = _find_candidates(space, sigmas, s, r, exclude)
+    if work is not binned:
+        sizes = _size_map(space, r, s.min_size, exclude)
 
     y, x, v = cand.y, cand.x, cand.value
     ny, nx = binned.shape
@@ -480,24 +502,20 @@ def pick(image: np.ndarray, settings: DogSettings) -> Picks:
     iy = np.clip(np.rint(y).astype(int), 0, ny - 1)
     ix = np.clip(np.rint(x).astype(int), 0, nx - 1)
     none = np.zeros(v.size, dtype=bool)
+    size = sizes.size_at(iy, ix)
     tests = [
         ("area", cand.too_big),
         ("max_thresh", v > s.max_thresh),
         ("border", (x < edge) | (y < edge) | (x > nx - 1 - edge) | (y > ny - 1 - edge)),
         ("contamination", contam[iy, ix] if contam is not None else none),
         ("speck", specks[iy, ix] if specks is not None else none),
+        ("size", (size < s.min_size * 2 * r) | (size > s.max_size * 2 * r)),
     ]
     ok = np.ones(v.size, dtype=bool)
     rejected: dict[str, int] = {}
     for name, failed in tests:
         rejected[name] = int((ok & failed).sum())
         ok &= ~failed
-    size = np.full(v.size, np.nan)
-    if ok.any():
-        size[ok] = _best_size(space, r, iy[ok], ix[ok], exclude)
-    off_size = ok & ((size < s.min_size * 2 * r) | (size > s.max_size * 2 * r))
-    rejected["size"] = int(off_size.sum())
-    ok &= ~off_size
 
     y, x, v, size = y[ok], x[ok], v[ok], size[ok]
     keep = _suppress_overlaps(y, x, v, s.overlap_mult * r)
@@ -613,23 +631,20 @@ def write_preview(
     picks: Picks,
     diameter_px: float,
     max_size: int = 1024,
-    invert: bool = False,
 ) -> None:
     """A downsampled 8-bit PNG/JPEG (by extension) with a circle of the particle size per pick.
 
-    Contrast is clipped at the 0.5 and 99.5 percentiles after a light blur, so particles show
-    through the shot noise. Pass ``invert`` to draw the image the way the picker saw it.
+    The micrograph is shown as recorded (particles dark). Contrast is clipped at the 0.5 and 99.5
+    percentiles after a light blur, so particles show through the shot noise.
     """
     from PIL import Image, ImageDraw
 
-    fmt = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}.get(Path(path).suffix.lower())
+    fmt = PREVIEW_FORMATS.get(Path(path).suffix.lower())
     if fmt is None:
         raise PickError(f"{path}: preview must be .png, .jpg or .jpeg")
     factor = max(1, int(math.ceil(max(image.shape) / max_size)))
     small = _bin_image(image, factor)
     small = ndimage.gaussian_filter(small, max(1.0, diameter_px / factor / 16.0))
-    if invert:
-        small = -small
     lo, hi = np.percentile(small, [0.5, 99.5])
     scaled = np.clip((small - lo) / (hi - lo if hi > lo else 1.0), 0.0, 1.0)
     pil = Image.fromarray((scaled * 255.0 + 0.5).astype(np.uint8), mode="L").convert("RGB")
@@ -749,23 +764,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             min_size=args.min_size,
             max_size=args.max_size,
         )
-        if args.preview is not None and args.preview.suffix.lower() not in {
-            ".png",
-            ".jpg",
-            ".jpeg",
-        }:
+        if args.preview is not None and args.preview.suffix.lower() not in PREVIEW_FORMATS:
             raise PickError(f"{args.preview}: preview must be .png, .jpg or .jpeg")
         picks = pick(image, settings)
     except (ImageReadError, PickError) as exc:
         print(f"cryoflow-dogpicker: error: {exc}", file=sys.stderr)
         return 2
-    write_xy(args.outfile, picks)
-    if args.star is not None:
-        write_star(args.star, picks)
-    if args.preview is not None:
-        write_preview(
-            args.preview, image, picks, settings.diameter_A / apix, invert=settings.invert
-        )
+    try:
+        write_xy(args.outfile, picks)
+        if args.star is not None:
+            write_star(args.star, picks)
+        if args.preview is not None:
+            write_preview(args.preview, image, picks, settings.diameter_A / apix)
+    except OSError as exc:
+        print(f"cryoflow-dogpicker: error: cannot write output: {exc}", file=sys.stderr)
+        return 1
     rejected = ", ".join(f"{k} {v}" for k, v in picks.rejected.items() if v)
     print(
         f"cryoflow-dogpicker: {args.image}: {len(picks)} particles "

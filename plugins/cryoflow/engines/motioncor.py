@@ -82,8 +82,8 @@ class MotionCorParams:
     flip_gain: int = 0
     pixel_size_A: float | None = None
     kv: float = 300.0
-    fm_dose: float | None = None
-    init_dose: float = 0.0
+    fm_dose: float | None = None  # e/A^2 per frame (MotionCor2's unit, not e/px)
+    init_dose: float = 0.0  # e/A^2 received before the first frame
     patch: tuple[int, int] = (0, 0)
     iterations: int = 7
     tolerance_px: float = 0.5
@@ -518,7 +518,8 @@ def run(params: MotionCorParams, echo: bool = False) -> MotionCorResult:
         binning=xcf_bin,
     )
     del xspec
-    ref = n // 2 if params.fm_ref < 0 else min(max(params.fm_ref - 1, 0), n - 1)
+    # -FmRef is 1-based in the input movie, thrown frames included (MotionCor2's rule).
+    ref = n // 2 if params.fm_ref < 0 else min(max(params.fm_ref - 1 - first, 0), n - 1)
     shifts_out = outcome.shifts - outcome.shifts[ref]
     shifts_in = shifts_out * np.array(bin_out)  # report in input px, like MotionCor2
 
@@ -529,7 +530,7 @@ def run(params: MotionCorParams, echo: bool = False) -> MotionCorResult:
         out_pixel = params.pixel_size_A * (nx / ox)  # type: ignore[operator]
         k = np.sqrt(_freq2(out_shape)) / out_pixel
         ne = critical_exposure(k, params.kv)
-        dose_A2 = params.fm_dose / params.pixel_size_A**2  # type: ignore[operator]
+        dose_A2 = params.fm_dose  # -FmDose is e/A^2 per frame, as MotionCor2 takes it
         step = np.exp(-dose_A2 / (2.0 * ne)).astype(np.float32)  # one frame's attenuation
         weight = np.exp(-(params.init_dose + dose_A2 * (first + 1)) / (2.0 * ne)).astype(
             np.float32

@@ -278,7 +278,13 @@ class SlurmHook(BaseHook):
     def get_conn(self) -> paramiko.SSHClient:
         try:
             return self.ssh_hook.get_conn()
-        except (paramiko.SSHException, OSError, EOFError) as exc:
+        except (paramiko.AuthenticationException, paramiko.BadHostKeyException) as exc:
+            raise SlurmCommandError(f"SSH via {self.ssh_conn_id!r} refused: {exc}") from exc
+        except paramiko.SSHException as exc:
+            if "known_hosts" in str(exc):  # host key checking is on and the key is unknown
+                raise SlurmCommandError(f"SSH via {self.ssh_conn_id!r}: {exc}") from exc
+            raise SlurmTransientError(f"SSH connect via {self.ssh_conn_id!r}: {exc}") from exc
+        except (OSError, EOFError) as exc:
             raise SlurmTransientError(f"SSH connect via {self.ssh_conn_id!r}: {exc}") from exc
 
     def run(self, command: str, timeout_s: float | None = None) -> tuple[int, str, str]:

@@ -203,6 +203,9 @@ class ComputeArrayOperator(BaseOperator):
                     for line in text.rstrip("\n").splitlines():
                         self.log.info("[%d %s] %s", index, name, line)
         if status == "error":
+            # A retry resubmits the batch: stop this job first so two jobs never write the
+            # same outputs (best effort: SSH may still be down).
+            self._cancel_job(job)
             raise ComputeJobError(
                 f"step {self.step}: lost track of job {job.job_id} ({message}); job files in "
                 f"{job.job_dir}"
@@ -254,6 +257,9 @@ class ComputeArrayOperator(BaseOperator):
         if job is None:
             self.log.info("No submitted job to cancel")
             return
+        self._cancel_job(job)
+
+    def _cancel_job(self, job: SubmittedJob) -> None:
         try:
             self.client.cancel([job])
             self.log.info("Cancelled %s job %s", self.backend.kind, job.job_id)

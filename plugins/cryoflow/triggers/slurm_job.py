@@ -35,8 +35,10 @@ if TYPE_CHECKING:
 __all__ = ["EVENT_KEYS", "SlurmJobTrigger"]
 
 # Connection-level trouble worth a reconnect: refused/reset sockets, SSH protocol errors and
-# disconnects, timeouts, and Slurm's own "controller busy/unreachable" answers.
+# disconnects, timeouts, and Slurm's own "controller busy/unreachable" answers. A refused key or
+# an unverifiable host key will not heal by retrying: those end the trigger at once.
 _RETRYABLE = (OSError, asyncssh.Error, TimeoutError, SlurmTransientError)
+_PERMANENT = (asyncssh.PermissionDenied, asyncssh.HostKeyNotVerifiable)
 
 EVENT_KEYS = ("status", "job_id", "job_dir", "n_tasks", "backend", "tasks", "message")
 
@@ -175,6 +177,8 @@ class SlurmJobTrigger(BaseTrigger):
                         conn = await self._connect()
                         connected = True
                     statuses = await self._poll(conn)
+                except _PERMANENT:
+                    raise
                 except _RETRYABLE as exc:
                     failures += 1
                     if conn is not None:
