@@ -177,6 +177,8 @@ def bench_speed(tmp: Path, threads_list: list[int]) -> None:
 
 
 def bench_accuracy(label: str, shape: tuple[int, int], n: int, seed: int) -> None:
+    if n <= 0:
+        return
     rng = np.random.default_rng(seed)
     errs = []
     for i in range(n):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -225,8 +226,8 @@ def test_trigger_reconnects_after_sshd_dies_and_comes_back(
 def test_trigger_gives_up_with_an_error_event_when_ssh_stays_down(
     monkeypatch: pytest.MonkeyPatch, slurm_services: SlurmServices
 ) -> None:
-    dead = slurm_services.conn_json.replace('"port": 2222', '"port": 1')
-    monkeypatch.setenv("AIRFLOW_CONN_CRYOFLOW_DEAD_SSH", dead)
+    dead = {**json.loads(slurm_services.conn_json), "port": 1}  # nothing listens there
+    monkeypatch.setenv("AIRFLOW_CONN_CRYOFLOW_DEAD_SSH", json.dumps(dead))
     trigger = SlurmJobTrigger(
         backend={**_backend(slurm_services), "ssh_conn_id": "cryoflow_dead_ssh"},
         job_id="999999",

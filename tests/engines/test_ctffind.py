@@ -321,6 +321,25 @@ def test_known_defocus_is_scored_not_searched(
     assert scores["true"] > scores["wrong"] + 0.05
 
 
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"slower_search": True, "astigmatism_restraint_A": 200.0},
+        {"known_astigmatism_A": 0.0, "known_astigmatism_angle_deg": 0.0},
+    ],
+)
+def test_other_search_answers_run_end_to_end(
+    tmp_path: Path, small_mic: Path, extra: dict[str, object], capsys: pytest.CaptureFixture[str]
+) -> None:
+    params = CtffindParams(
+        input_path=small_mic, diag_path=tmp_path / "s_ctf.mrc", pixel_size_A=1.0, **extra
+    )
+    rc, _, err = run_engine(stdin_answers(params, "4"), capsys=capsys)
+    assert rc == 0, err
+    est = parse_ctffind_txt(output_paths(params.diag_path).txt).single
+    assert est.mean_defocus_A == pytest.approx(15000.0, rel=0.02)  # small_mic: 15000 A, stigmatic
+
+
 # --------------------------------------------------------------------------- the "fit resolution"
 
 

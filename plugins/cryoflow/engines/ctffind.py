@@ -23,8 +23,16 @@ Algorithm (CTFFIND4's, Rohou & Grigorieff 2015, in numpy/scipy):
    thresholds (0.1 after >3 bins above 0.1, or 0.5 after >3 bins above 0.66). Where CTFFIND's test
    never triggers it reads past its array and writes ``inf``; so does this engine.
 
+"Slower, more exhaustive search" adds a coarse 2-D grid of astigmatism and angle as further
+starting points. "Known astigmatism", the astigmatism restraint, phase-shift search, movies
+(frames summed in groups), stacks of micrographs, gain/dark references and "Do you already know the
+defocus?" (score only) behave as in CTFFIND. Refused with a clear error: tilt and thickness
+determination (CTFFIND 5), magnification-distortion correction, EER input. Accepted without
+effect: CTFFIND 5's "Weight down low resolution signal?".
+
 Files are written only when every micrograph succeeded, each to a temp name then renamed; the
-summary ``.txt`` is renamed last, so its presence means the run is complete.
+summary ``.txt`` is renamed last, so its presence means the run is complete. Its version field
+reads e.g. ``4.1.14-cryoflow`` so nobody mistakes these numbers for CTFFIND's own.
 """
 
 from __future__ import annotations

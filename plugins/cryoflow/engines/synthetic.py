@@ -105,6 +105,10 @@ def _place(
     if nx <= 2 * margin or ny <= 2 * margin:
         raise ValueError(f"{what} of radius {radius_px:.1f} px do not fit in an image {nx}x{ny}")
     out: list[tuple[float, float]] = []
+    # Existing objects as arrays, so each candidate is checked in one vectorised step.
+    tx = np.array([t[0] for t in taken], dtype=np.float64)
+    ty = np.array([t[1] for t in taken], dtype=np.float64)
+    tr = np.array([t[2] for t in taken], dtype=np.float64)
     tries = 0
     max_tries = 2000 + 200 * n
     while len(out) < n:
@@ -116,14 +120,13 @@ def _place(
             )
         x = rng.uniform(margin, nx - margin)
         y = rng.uniform(margin, ny - margin)
-        ok = True
-        for tx, ty, tr in taken:
-            if np.hypot(x - tx, y - ty) < max(clearance_px, radius_px + tr + 2.0):
-                ok = False
-                break
-        if ok:
-            out.append((x, y))
-            taken.append((x, y, radius_px))
+        if tx.size:
+            need = np.maximum(clearance_px, radius_px + tr + 2.0)
+            if np.any(np.hypot(tx - x, ty - y) < need):
+                continue
+        out.append((x, y))
+        taken.append((x, y, radius_px))
+        tx, ty, tr = np.append(tx, x), np.append(ty, y), np.append(tr, radius_px)
     return out
 
 

@@ -177,7 +177,7 @@ class PickResult:
     format: Literal["star", "xy"]
     x: np.ndarray
     y: np.ndarray
-    score: np.ndarray | None  # _rlnAutopickFigureOfMerit, when the file has it
+    score: np.ndarray | None  # _rlnAutopickFigureOfMerit if present; RELION's -999 (unset) is NaN
 
     @property
     def n(self) -> int:
@@ -247,7 +247,7 @@ def _parse_star(path: Path) -> PickResult:
                 f"{path}: data_{name} row {row + 1}: _{col} is {shown}, not a number"
             )
         arrays.append(values)
-    score = arrays[2] if len(arrays) > 2 else None
+    score = np.where(arrays[2] == -999.0, np.nan, arrays[2]) if len(arrays) > 2 else None
     return PickResult(path, "star", arrays[0], arrays[1], score)
 
 
