@@ -74,8 +74,9 @@ def throughput(root: Path, files: int, mib: int) -> None:
 
     def cp_then_hash() -> None:
         subprocess.run(["cp", "-a", str(src), str(root / "cp2")], check=True)
-        subprocess.run(["xxhsum", "-H2", *map(str, (root / "cp2").iterdir())],
-                       check=True, capture_output=True)
+        subprocess.run(
+            ["xxhsum", "-H2", *map(str, (root / "cp2").iterdir())], check=True, capture_output=True
+        )
 
     timed("cryoflow copy_verified (xxh3+fsync+verify)", ours, total, cold)
     timed("cp -a", cp, total, cold)
@@ -92,7 +93,9 @@ def latency(root: Path, movies: int, settle: float, poll: float) -> None:
     share.mkdir()
     ledger_url = f"sqlite:///{root}/ledger.db"
     ledger = Ledger(ledger_url)
-    sid = ledger.open_session("bench", "lat", dest_root=str(dest), source_root=str(share), params={})
+    sid = ledger.open_session(
+        "bench", "lat", dest_root=str(dest), source_root=str(share), params={}
+    )
     finished: dict[str, float] = {}
 
     def writer() -> None:  # a detector writing 40 frames of 4 MiB over ~2 s, one movie every 3 s
@@ -111,9 +114,15 @@ def latency(root: Path, movies: int, settle: float, poll: float) -> None:
     thread.start()
     copied: dict[str, float] = {}
     while len(copied) < movies:
-        trigger = ShareWatchTrigger(root=str(share), ledger_url=ledger_url, session_id=sid,
-                                    settle_seconds=settle, poll_seconds=poll,
-                                    batch_window_seconds=0, idle_timeout_seconds=60)
+        trigger = ShareWatchTrigger(
+            root=str(share),
+            ledger_url=ledger_url,
+            session_id=sid,
+            settle_seconds=settle,
+            poll_seconds=poll,
+            batch_window_seconds=0,
+            idle_timeout_seconds=60,
+        )
 
         async def first(trig: ShareWatchTrigger = trigger):
             async for event in trig.run():
@@ -122,18 +131,22 @@ def latency(root: Path, movies: int, settle: float, poll: float) -> None:
         event = asyncio.run(first())
         for item in event["files"]:
             rel = item["relpath"]
-            fid, _ = ledger.begin_copy(sid, rel, kind="movie", size=item["size"],
-                                       mtime_ns=item["mtime_ns"], batch="b")
+            fid, _ = ledger.begin_copy(
+                sid, rel, kind="movie", size=item["size"], mtime_ns=item["mtime_ns"], batch="b"
+            )
             r = copy_verified(share / rel, dest / rel, expected=(item["size"], item["mtime_ns"]))
-            ledger.mark_verified(fid, checksum=r.checksum, dest_path=str(dest / rel),
-                                 copy_seconds=0.0)
+            ledger.mark_verified(
+                fid, checksum=r.checksum, dest_path=str(dest / rel), copy_seconds=0.0
+            )
             copied[rel] = time.time()
     thread.join()
     lat = sorted(copied[n] - finished[n] for n in copied)
     print(f"\nDetection latency (last byte written -> verified copy), {movies} movies of 160 MiB,")
-    print(f"settle {settle} s, poll {poll} s: mean {statistics.mean(lat):.2f} s, "
-          f"min {lat[0]:.2f} s, max {lat[-1]:.2f} s "
-          f"(floor = settle + up to one poll + copy time)")
+    print(
+        f"settle {settle} s, poll {poll} s: mean {statistics.mean(lat):.2f} s, "
+        f"min {lat[0]:.2f} s, max {lat[-1]:.2f} s "
+        f"(floor = settle + up to one poll + copy time)"
+    )
 
 
 def main() -> None:

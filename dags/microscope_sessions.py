@@ -7,12 +7,14 @@ close it. See README "Why continuation runs".
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOperator
 from airflow.sdk import DAG, Param
 
-from cryoflow.config import MicroscopeConfig, load_site
+from cryoflow.config import FacilityConfig, MicroscopeConfig, load_site
+from cryoflow.operators.compute_job import ComputeArrayOperator
+from cryoflow.operators.processing_tasks import plan_step, record_step, session_results
 from cryoflow.operators.session_tasks import (
     close_session,
     open_session,
@@ -99,7 +101,29 @@ def session_form(scope: MicroscopeConfig) -> dict[str, Param]:
     }
 
 
-def build(scope: MicroscopeConfig) -> DAG:
+def processing(facility: FacilityConfig, session, moved) -> None:
+    """MotionCor2 -> (CTFFIND, DoG picker), each one job array per batch, results to the ledger."""
+
+    def step(stage: str, software: str, task_id: str, inputs):
+        plan = plan_step.override(task_id=f"plan_{stage}")(stage, session, inputs)
+        job = ComputeArrayOperator(
+            task_id=task_id,
+            backend=facility.compute[facility.software[software].backend],
+            step=stage,
+            tasks=plan["tasks"],
+            stdin=plan["stdin"],
+            retries=1,
+        )
+        plan >> job
+        return record_step.override(task_id=f"record_{stage}")(stage, plan, job.output)
+
+    aligned = step("motioncor", "motioncor2", "motioncor", moved)
+    ctf = step("ctf", "ctffind", "ctffind", aligned)
+    picks = step("picking", "dogpicker", "dogpicker", aligned)
+    [ctf, picks] >> session_results(session)
+
+
+def build(scope: MicroscopeConfig, facility: FacilityConfig) -> DAG:
     with DAG(
         dag_id=f"session_{scope.id}",
         description=f"{scope.name}: share -> GPFS -> pre-processing",
@@ -108,10 +132,10 @@ def build(scope: MicroscopeConfig) -> DAG:
         start_date=datetime(2026, 1, 1),
         catchup=False,
         is_paused_upon_creation=True,
-        max_active_runs=1,
+        max_active_runs=3,  # batch n+1 is copied while batch n is still being processed
         params=session_form(scope),
         tags=["microscope", scope.id, *scope.tags],
-        default_args={"retries": 2},
+        default_args={"retries": 2, "retry_delay": timedelta(seconds=30)},
     ) as dag:
         session = open_session(scope.id)
         wait = WatchShareOperator(
@@ -130,8 +154,10 @@ def build(scope: MicroscopeConfig) -> DAG:
         )
         decide >> cont >> next_batch
         decide >> close_session(session, wait.output, scope.id)
+        processing(facility, session, moved)
     return dag
 
 
-for _scope in load_site().microscopes.values():
-    globals()[f"session_{_scope.id}"] = build(_scope)
+_site = load_site()
+for _scope in _site.microscopes.values():
+    globals()[f"session_{_scope.id}"] = build(_scope, _site.facility)

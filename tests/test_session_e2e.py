@@ -87,7 +87,8 @@ def test_session_streams_movies_while_the_microscope_writes(airflow_db, site_env
         stderr=subprocess.PIPE,
         text=True,
     )
-    conf = {"session_name": session, "idle_timeout_minutes": 0.1}
+    # processing has its own end-to-end test (test_processing_e2e.py)
+    conf = {"session_name": session, "idle_timeout_minutes": 0.1, "motioncor": False}
     try:
         runs = run_session(dag, conf)
     finally:
@@ -130,7 +131,8 @@ DRIVER = textwrap.dedent(
     import sys
     from tests.airflow_helpers import load_dag, run_session
     dag = load_dag("session_krios2")
-    run_session(dag, {"session_name": sys.argv[1], "idle_timeout_minutes": 0.05})
+    run_session(dag, {"session_name": sys.argv[1], "idle_timeout_minutes": 0.05,
+                      "motioncor": False})
     """
 )
 
@@ -180,7 +182,8 @@ def test_session_killed_mid_transfer_resumes_without_duplicates(airflow_db, site
     assert ledger.counts(session_row_id).get("verified", 0) < 6
 
     runs = run_session(
-        load_dag("session_krios2"), {"session_name": session, "idle_timeout_minutes": 0.05}
+        load_dag("session_krios2"),
+        {"session_name": session, "idle_timeout_minutes": 0.05, "motioncor": False},
     )
     assert runs.runs
     sums = _assert_complete_copy(share, raw, "krios2")

@@ -169,7 +169,7 @@ def test_slurm_round_trip_through_operator_and_trigger(
         "max_parallel": 3,
         "poll_interval_s": 0.3,
     }
-    tasks = [["sh", "-c", f"echo movie {i}; exit {3 if i == 2 else 0}"] for i in range(3)]
+    tasks = [["sh", "-c", f"sleep 2; echo movie {i}; exit {3 if i == 2 else 0}"] for i in range(3)]
     op = ComputeArrayOperator(task_id="motioncor", backend=backend, step="motioncor", tasks=tasks)
     ti = _TaskInstance(task_id="motioncor", map_index=4)
     trigger = _defer(op, {"ti": ti})

@@ -143,7 +143,7 @@ for _ in range(3):
     TRUTHS.append(CTFParams(_mean + _astig / 2, _mean - _astig / 2, _ang))
 
 
-@pytest.mark.parametrize(("case", "version"), [(0, "4"), (1, "4"), (2, "5")])
+@pytest.mark.parametrize(("case", "version"), [(0, "4"), (1, "4.1.15"), (2, "5")])
 def test_recovers_known_ctf_from_a_realistic_micrograph_through_ctffind_io(
     tmp_path: Path, case: int, version: str, capsys: pytest.CaptureFixture[str]
 ) -> None:

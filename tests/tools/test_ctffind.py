@@ -7,6 +7,7 @@ the engine tests (tests/engines/test_ctffind.py) check them again on the built-i
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ from cryoflow.engines.ctffind import read_answers
 from cryoflow.engines.imageio import write_mrc
 from cryoflow.tools.ctffind import (
     ENV,
+    VERSIONS,
     CtffindOutputError,
     CtffindParams,
     build_command,
@@ -78,13 +80,16 @@ def test_default_answers_follow_ctffind_4_1_14_question_order(mic: Path) -> None
     ]
 
 
-def test_ctffind_5_asks_about_tilt_and_thickness_before_expert_options(mic: Path) -> None:
+def test_later_versions_ask_about_tilt_and_thickness_before_expert_options(mic: Path) -> None:
     four = stdin_answers(_params(mic), "4").splitlines()
+    four15 = stdin_answers(_params(mic), "4.1.15").splitlines()
     five = stdin_answers(_params(mic), "5").splitlines()
+    assert four15 == four[:-1] + ["no"] + four[-1:]  # tilt?, expert?
     assert five == four[:-1] + ["no", "no"] + four[-1:]  # tilt?, thickness?, expert?
-    # With a phase-shift search CTFFIND 5 does not ask about tilt.
-    ps = stdin_answers(_params(mic, find_phase_shift=True), "5").splitlines()
-    assert ps[15:] == ["yes", "0.0", "3.15", "0.5", "no", "no"]
+    # With a phase-shift search nobody asks about tilt.
+    ps = [stdin_answers(_params(mic, find_phase_shift=True), v).splitlines() for v in VERSIONS]
+    assert ps[0][15:] == ps[1][15:] == ["yes", "0.0", "3.15", "0.5", "no"]
+    assert ps[2][15:] == ["yes", "0.0", "3.15", "0.5", "no", "no"]
 
 
 def test_restraint_known_astigmatism_and_expert_answers(mic: Path) -> None:
@@ -96,18 +101,22 @@ def test_restraint_known_astigmatism_and_expert_answers(mic: Path) -> None:
     assert known[12:] == ["yes", "no", "450.0", "-12.5", "no", "no"]
     expert4 = stdin_answers(_params(mic, threads=4), "4").splitlines()
     assert expert4[16:] == ["yes", "yes", "no", "4"]  # expert, resample, defocus known?, threads
+    expert415 = stdin_answers(_params(mic, threads=4), "4.1.15").splitlines()
+    assert expert415[17:] == ["yes", "yes", "no", "yes", "4"]  # + weight down low res
     expert5 = stdin_answers(_params(mic, threads=4), "5").splitlines()
-    assert expert5[18:] == ["yes", "yes", "1.4", "no", "yes", "4"]  # + target px, weight low res
+    assert expert5[18:] == ["yes", "yes", "1.4", "no", "yes", "4"]  # + target pixel size
 
 
-def test_ctffind_4_cannot_be_asked_what_it_has_no_question_for(mic: Path) -> None:
-    with pytest.raises(ValueError, match="weight_down_low_res"):
+def test_a_version_cannot_be_asked_what_it_has_no_question_for(mic: Path) -> None:
+    with pytest.raises(ValueError, match="version 4 has no question for weight_down_low_res"):
         stdin_answers(_params(mic, weight_down_low_res=False), "4")
-    with pytest.raises(ValueError, match="version must be"):
+    with pytest.raises(ValueError, match="version 4.1.15 has no question for target_pixel"):
+        stdin_answers(_params(mic, target_pixel_size_A=1.0), "4.1.15")
+    with pytest.raises(ValueError, match="version must be one of"):
         stdin_answers(_params(mic), "4.1")  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("version", ["4", "5"])
+@pytest.mark.parametrize("version", VERSIONS)
 @pytest.mark.parametrize(
     "extra",
     [
@@ -135,11 +144,15 @@ def test_ctffinds_questions_consume_the_answers_exactly(
     assert s.find_phase_shift == params.find_phase_shift
     assert s.defocus_known == (params.known_defocus_A is not None)
     assert (s.threads, s.resample) == (params.threads, params.resample_if_pixel_too_small)
-    # And the version is recognised from the answers alone.
-    assert read_answers(text.splitlines(), "auto").version == version
+    # The answers alone identify the version, or an equivalent one: 4.1.14 and 4.1.15 ask the
+    # same questions when a phase shift is searched.
+    auto = read_answers(text.splitlines(), "auto")
+    assert replace(auto, version=version) == s
+    if not params.find_phase_shift:
+        assert auto.version == version
 
 
-@pytest.mark.parametrize("version", ["4", "5"])
+@pytest.mark.parametrize("version", VERSIONS)
 def test_movie_answers_include_the_frames_question_and_gain(
     stack: Path, tmp_path: Path, version: str
 ) -> None:
@@ -154,10 +167,13 @@ def test_movie_answers_include_the_frames_question_and_gain(
         frames_to_average=2,
         gain_path=gain,
     )
+    if version != "4":
+        params = params.model_copy(update={"dark_path": gain})  # any image will do as a file
     lines = stdin_answers(params, version).splitlines()  # type: ignore[arg-type]
     assert lines[1:3] == ["yes", "2"]
     s = read_answers(lines, version)  # type: ignore[arg-type]
     assert (s.is_movie, s.frames_to_average, s.gain_path) == (True, 2, gain)
+    assert s.dark_path == (None if version == "4" else gain)
 
 
 def test_params_refuse_impossible_values(mic: Path) -> None:

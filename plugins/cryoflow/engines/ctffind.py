@@ -3,8 +3,8 @@
 Why a stand-in: the pipeline must run (tests, demos, sites without a CTFFIND licence/binary) with
 exactly the job it runs on a cluster: ``LC_ALL=C ctffind`` with the answers on standard input,
 then parse ``<diag>.txt`` and ``<diag>_avrot.txt``. So this engine asks CTFFIND's questions in
-CTFFIND's order (4.1.14 or 5.0.x, chosen by ``--ctffind-version`` or detected from the answers),
-and writes CTFFIND's files in CTFFIND's layout.
+CTFFIND's order (4.1.0-4.1.14, 4.1.15-4.1.16 or 5.0.x, as in cisTEM's ctffind.cpp; chosen by
+``--ctffind-version`` or detected from the answers) and writes CTFFIND's files in its layout.
 
 Algorithm (CTFFIND4's, Rohou & Grigorieff 2015, in numpy/scipy):
 
@@ -76,9 +76,10 @@ __all__ = [
     "write_outputs",
 ]
 
-Version = Literal["4", "5"]
-#: The CTFFIND releases whose question order and output layout this engine reproduces.
-CTFFIND_VERSIONS: dict[str, str] = {"4": "4.1.14", "5": "5.0.2"}
+Version = Literal["4", "4.1.15", "5"]
+#: Question orders (cisTEM's ctffind.cpp) and the release each key writes in its header:
+#: "4" = 4.1.0-4.1.14, "4.1.15" = 4.1.15-4.1.16 (adds the tilt question), "5" = 5.0.x.
+CTFFIND_VERSIONS: dict[str, str] = {"4": "4.1.14", "4.1.15": "4.1.15", "5": "5.0.2"}
 TARGET_PIXEL_A = 1.4  # CTFFIND resamples finer pixels to this (Nyquist 2.8 A)
 LOWEST_ALLOWED_MIN_RES_A = 50.0  # CTFFIND refuses a minimum resolution above this
 _BIN_LOW, _BIN_SIGNIF, _BIN_HIGH = 0.1, 0.5, 0.66  # CTFFIND's fit-resolution thresholds
@@ -241,13 +242,10 @@ def _ask(a: _Answers, version: Version, n_images_of: Callable[[Path], int]) -> S
         hi = a.number("Maximum phase shift (rad)", "3.15", lo, 3.15)
         s.update(min_phase_rad=lo, max_phase_rad=hi)
         s["phase_step_rad"] = a.number("Phase shift search step", "0.5", 0.0, hi - lo)
-    if version == "5":
-        if not s["find_phase_shift"] and a.yes_no("Determine sample tilt?", "No"):
-            raise CtffindError("sample tilt determination is not supported by the built-in engine")
-        if a.yes_no("Determine samnple thickness?", "No"):  # sic, CTFFIND 5's prompt
-            raise CtffindError(
-                "sample thickness determination is not supported by the built-in engine"
-            )
+    if version != "4" and not s["find_phase_shift"] and a.yes_no("Determine sample tilt?", "No"):
+        raise CtffindError("sample tilt determination is not supported by the built-in engine")
+    if version == "5" and a.yes_no("Determine samnple thickness?", "No"):  # sic, CTFFIND 5's
+        raise CtffindError("sample thickness determination is not supported by the built-in engine")
     if a.yes_no("Do you want to set expert options?", "No"):
         _ask_expert(a, version, s)
     return Settings(**s)  # type: ignore[arg-type]
@@ -260,7 +258,7 @@ def _ask_expert(a: _Answers, version: Version, s: dict[str, object]) -> None:
             "Target pixel size after resampling", "1.4", 0.0, lo_open=True
         )
     if s.get("is_movie"):
-        if version == "5" and not a.yes_no("Movie is dark-subtracted?", "Yes"):
+        if version != "4" and not a.yes_no("Movie is dark-subtracted?", "Yes"):
             s["dark_path"] = Path(a.text("Dark image filename", "dark.dm4"))
         if not a.yes_no("Movie is gain-corrected?", "Yes"):
             s["gain_path"] = Path(a.text("Gain image filename", "gain.dm4"))
@@ -275,7 +273,7 @@ def _ask_expert(a: _Answers, version: Version, s: dict[str, object]) -> None:
         s["known_angle_deg"] = a.number("Known astigmatism angle", "0.0")
         if s["find_phase_shift"]:
             s["known_phase_rad"] = a.number("Known phase shift (radians)", "0.0")
-    if version == "5":
+    if version != "4":
         s["weight_down_low_res"] = a.yes_no("Weight down low resolution signal?", "Yes")
     s["threads"] = int(a.number("Desired number of parallel threads", "1", 1, integer=True))
 
@@ -298,7 +296,9 @@ def read_answers(
     """Settings from CTFFIND's stdin answers, in the given version's order or detected.
 
     Detection: the answers must be used up exactly (blank trailing lines aside) by one version's
-    questions; 4.1 ends with the expert-options answer, 5 asks about tilt and thickness first.
+    questions: after the phase-shift answers 4.1.14 asks for expert options, 4.1.15 first asks
+    about tilt, 5 about tilt and thickness. Orders that read the same answers the same way (4.1.14
+    and 4.1.15 with a phase-shift search) are equivalent; the oldest is taken.
     """
     if version != "auto":
         a = _Answers(lines, echo)
@@ -312,7 +312,7 @@ def read_answers(
         return settings
     fits: list[Settings] = []
     errors: list[str] = []
-    for v in ("4", "5"):
+    for v in ("4", "4.1.15", "5"):
         a = _Answers(lines, None)
         try:
             candidate = _ask(a, v, n_images_of)
@@ -323,8 +323,9 @@ def read_answers(
             errors.append(f"as CTFFIND {CTFFIND_VERSIONS[v]}: answers left over")
         else:
             fits.append(candidate)
-    if len(fits) != 1:
-        why = "; ".join(errors) if not fits else "they fit both CTFFIND 4.1 and 5"
+    distinct = {replace(f, version="4") for f in fits}
+    if len(distinct) != 1:
+        why = "; ".join(errors) if not fits else "they fit several CTFFIND versions differently"
         raise CtffindError(f"cannot read the answers ({why}); give --ctffind-version")
     if echo is not None:  # replay, so the log shows the questions as asked
         read_answers(lines, fits[0].version, echo=echo, n_images_of=n_images_of)
@@ -1097,9 +1098,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--ctffind-version",
-        choices=("4", "5", "auto"),
+        choices=("4", "4.1.15", "5", "auto"),
         default="auto",
-        help="question order of the answers: CTFFIND 4.1.14 or 5.0.x (default: detect)",
+        help="question order: CTFFIND 4.1.0-4.1.14, 4.1.15-4.1.16 or 5.0.x (default: detect)",
     )
     p.add_argument("-j", type=int, default=None, help="FFT threads (overrides the answers)")
     p.add_argument("--no-preview", action="store_true", help="do not write the PNG preview")

@@ -201,7 +201,7 @@ def _kfactor_for_range(r0: float, dr: float, n: int) -> float:
     return (half + math.sqrt(half * half + 1.0)) ** (2.0 / n)
 
 
-def slice_sigmas(
+def _slice_sigmas(
     radius_px: float, num_slices: int, range_px: float, kfactor: float
 ) -> tuple[list[float], list[float]]:
     """Gaussian sigmas (n + 1) and tuned radii (n) of Appion's DoG stack.
@@ -353,7 +353,7 @@ def _find_candidates(
 
 
 def _contamination_mask(blob_masks: list[np.ndarray], grow_px: float) -> np.ndarray | None:
-    """Union of rejected blobs, holes filled, grown to cover their rim; None if there are none."""
+    """Union of blobs too large to be particles, holes filled, grown over their rim; or None."""
     if not blob_masks:
         return None
     mask = np.logical_or.reduce(blob_masks)
@@ -471,7 +471,7 @@ def pick(image: np.ndarray, settings: DogSettings) -> Picks:
             f"{s.diameter_A} A at {s.pixel_size_A} A/px (needs at least two diameters)"
         )
     binned -= float(np.median(binned))
-    sigmas, _ = slice_sigmas(r, s.num_slices, s.size_range_A / s.pixel_size_A / b / 2.0, s.kfactor)
+    sigmas, _ = _slice_sigmas(r, s.num_slices, s.size_range_A / s.pixel_size_A / b / 2.0, s.kfactor)
     max_sigma = max(sigmas[-1], _size_levels(r)[1][-1])
 
     def space_of(im: np.ndarray) -> _GaussianSpace:

@@ -115,6 +115,19 @@ class MovieInfo:
         import mrcfile
 
         try:
+            with mrcfile.open(self.path, header_only=True, permissive=True) as head:
+                hdr = head.header
+                dtype = mrcfile.utils.data_dtype_from_header(hdr)
+                n_bytes = int(hdr.nx) * int(hdr.ny) * int(hdr.nz) * dtype.itemsize
+                expected = 1024 + int(hdr.nsymbt) + n_bytes
+        except (ValueError, OSError, EOFError) as exc:
+            raise ImageReadError(f"{self.path}: not a readable MRC header ({exc})") from exc
+        actual = self.path.stat().st_size
+        if actual < expected:
+            raise ImageReadError(
+                f"{self.path}: truncated MRC file: {actual} bytes, its header promises {expected}"
+            )
+        try:
             self._mrc = mrcfile.mmap(self.path, mode="r", permissive=False)
         except (ValueError, OSError, EOFError) as exc:
             raise ImageReadError(f"{self.path}: not a readable MRC file ({exc})") from exc

@@ -11,12 +11,17 @@ Algorithm (MotionCor2's global alignment, Zheng et al. 2017):
    cropped to the output grid (``-FtBin``).
 2. Alignment runs on a further crop of those spectra (MotionCor2's "xcf" grid: the shorter side
    binned to at most 2048 px, then cut where the ``-Bft`` low-pass has fallen below 1e-4, which
-   loses nothing the filter keeps). Every iteration builds the aligned sum, correlates each frame
-   with the sum of all *other* frames (so a frame's own shot noise cannot pull the peak to zero),
-   finds the sub-pixel peak by a 3-point Gaussian fit, and updates all shifts at once. It stops
-   when the largest update is below ``-Tol`` px (after at least two iterations) or at ``-Iter``.
+   loses nothing the filter keeps; ``-Bft`` is in px^2 of that binned grid, as in MotionCor2),
+   with the frame borders faded so the static image edge cannot pull shifts to zero. Every
+   iteration builds the aligned sum, correlates each frame with the sum of all *other* frames
+   (so a frame's own shot noise cannot pull the peak to zero), finds the sub-pixel peak by a
+   3-point Gaussian fit, and updates all shifts at once. It stops when the largest update is
+   below ``-Tol`` px (after at least two iterations) or at ``-Iter``; the trajectory is then
+   smoothed with MotionCor2's two neighbour-averaging passes (weights 0.5 and 0.4).
 3. The sums are formed in Fourier space with exact sub-pixel phase shifts; the dose-weighted sum
-   uses Grant & Grigorieff's (2015) critical exposure with noise-power restoring normalisation.
+   uses Grant & Grigorieff's (2015) critical exposure (``-FmDose`` in e/A^2 per frame, the
+   exposure at the end of each frame, ``-InitDose`` added) with noise-power restoring
+   normalisation scaled so its mean equals the plain sum's.
 
 Shift convention (as in MotionCor2's logs): the shift of frame ``i`` is where its content sits
 relative to the reference frame (``-FmRef``, default the central frame ``n // 2``), in input
@@ -26,7 +31,8 @@ is registered to it. :mod:`cryoflow.engines.synthetic` uses the same sign for it
 Not done (honestly): EER input (refused, see :func:`cryoflow.engines.imageio.open_movie`),
 local (patch) motion *correction* (``-Patch`` measures and logs per-patch residual motion in
 MotionCor2's ``-Patch-*.log`` layout but the sum is corrected with global shifts only), defect
-maps, magnification distortion, dark references, gain references of a different size.
+maps, magnification distortion, dark references, gain references of a different size, frame
+grouping (``-Group`` > 1 for global alignment is refused).
 """
 
 from __future__ import annotations
@@ -51,6 +57,7 @@ from cryoflow.engines.imageio import (
     write_mrc,
     write_preview,
 )
+from cryoflow.tools.motioncor2 import log_stem
 
 __all__ = [
     "MotionCorError",
@@ -58,9 +65,9 @@ __all__ = [
     "MotionCorResult",
     "align_spectra",
     "critical_exposure",
-    "log_stem",
     "main",
     "run",
+    "trajectory_rms_error",
     "transform_gain",
 ]
 
@@ -85,6 +92,7 @@ class MotionCorParams:
     fm_dose: float | None = None  # e/A^2 per frame (MotionCor2's unit, not e/px)
     init_dose: float = 0.0  # e/A^2 received before the first frame
     patch: tuple[int, int] = (0, 0)
+    group: tuple[int, int] = (1, 1)  # -Group: frames summed for global / patch alignment
     iterations: int = 7
     tolerance_px: float = 0.5
     bfactor: tuple[float, float] = (500.0, 150.0)
@@ -122,6 +130,13 @@ class MotionCorParams:
             raise MotionCorError(f"-FtBin must be >= 1, got {self.ft_bin}")
         if any(p < 0 for p in self.patch) or (self.patch[0] > 1) != (self.patch[1] > 1):
             raise MotionCorError(f"-Patch needs two values both > 1 (or 0 0), got {self.patch}")
+        if min(self.group) < 1:
+            raise MotionCorError(f"-Group must be >= 1, got {self.group}")
+        if self.group[0] != 1:
+            raise MotionCorError(
+                f"-Group {self.group[0]}: frame grouping for global alignment is not implemented "
+                "in the built-in engine (use 1)"
+            )
         if self.throw < 0 or self.trunc < 0:
             raise MotionCorError(f"-Throw/-Trunc must be >= 0, got {self.throw}/{self.trunc}")
         out_suffix = Path(self.out_mrc).suffix.lower()
@@ -187,6 +202,21 @@ def _freq2(shape: tuple[int, int]) -> np.ndarray:
     fy = np.fft.fftfreq(shape[0]).astype(np.float32)
     fx = np.fft.rfftfreq(shape[1]).astype(np.float32)
     return fy[:, None] ** 2 + fx[None, :] ** 2
+
+
+def trajectory_rms_error(estimated: np.ndarray, true: np.ndarray) -> float:
+    """RMS over frames of |estimated - true| (px) after removing their constant offset.
+
+    Only relative motion is measurable: each trajectory may be referred to a different frame
+    (ours to -FmRef, the generator's to frame 0), so the best constant is taken out first.
+    """
+    est = np.asarray(estimated, dtype=np.float64)
+    tru = np.asarray(true, dtype=np.float64)
+    if est.shape != tru.shape or est.ndim != 2 or est.shape[1] != 2:
+        raise ValueError(f"trajectories must both be (n, 2), got {est.shape} and {tru.shape}")
+    d = est - tru
+    d -= d.mean(axis=0)
+    return float(np.sqrt(np.mean(np.sum(d * d, axis=1))))
 
 
 def critical_exposure(k_inv_A: np.ndarray, kv: float) -> np.ndarray:
@@ -344,6 +374,37 @@ def align_spectra(
     return AlignOutcome(shifts=shifts, iterations=it, converged=converged, errors=errors)
 
 
+def edge_taper(shape: tuple[int, int], fraction: float = 0.1) -> np.ndarray:
+    """A separable cosine (Tukey) window falling to 0 over ``fraction`` of each side."""
+
+    def tukey(n: int) -> np.ndarray:
+        w = np.ones(n, dtype=np.float32)
+        m = max(int(n * fraction), 1)
+        ramp = 0.5 - 0.5 * np.cos(np.pi * (np.arange(m) + 0.5) / m)
+        w[:m] = ramp
+        w[n - m :] = ramp[::-1]
+        return w
+
+    return tukey(shape[0])[:, None] * tukey(shape[1])[None, :]
+
+
+def tapered_spectra(spec: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
+    """Alignment spectra on ``grid``: each frame Fourier-cropped, mean removed, edges tapered.
+
+    Why: a frame is not periodic, so its FFT carries the step at the image border. That step is
+    the same in every frame and would pull every correlation peak towards zero shift; fading the
+    borders removes it. Done at the small alignment size (two small FFTs per frame).
+    """
+    win = edge_taper(grid)
+    out = np.empty((spec.shape[0], grid[0], grid[1] // 2 + 1), dtype=np.complex64)
+    for i in range(spec.shape[0]):
+        small = sfft.irfft2(crop_rfft(spec[i], grid), s=grid, workers=WORKERS)
+        small -= small.mean()
+        small *= win
+        out[i] = sfft.rfft2(small, workers=WORKERS)
+    return out
+
+
 def _xcf_bin(shape: tuple[int, int]) -> float:
     """MotionCor2's alignment binning: the shorter side is brought down to 2048 px."""
     return max(1.0, min(shape) / 2048.0)
@@ -363,18 +424,6 @@ def _xcf_grid(shape: tuple[int, int], bfactor_out: float) -> tuple[int, int]:
 
 
 # --------------------------------------------------------------------------- logs
-
-
-def log_stem(in_path: str | os.PathLike) -> str:
-    """The base name MotionCor2 gives -LogDir logs: the input file name cut at its first
-    ".mrc", ".tif" or ".eer" (case-insensitive), as MotionCor2's CAlignMain::mCreateLogFile."""
-    name = Path(in_path).name
-    low = name.lower()
-    for ext in (".mrc", ".tif", ".eer"):
-        i = low.find(ext)
-        if i >= 0:
-            return name[:i]
-    return name
 
 
 def _write_text(path: Path, text: str) -> None:
@@ -451,13 +500,14 @@ def _measure_patches(
         r0, r1 = phase_ramp(out_shape, -shifts_out[i, 0], -shifts_out[i, 1])
         frames[i] = sfft.irfft2(out_spec[i] * r0 * r1, s=out_shape, workers=WORKERS)
     pshifts = np.zeros((n, px * py, 2))
+    win = edge_taper((ph, pw))
     k = 0
     for j in range(py):
         for i in range(px):
             y0 = min(j * ph, oy - ph)
             x0 = min(i * pw, ox - pw)
             tile = frames[:, y0 : y0 + ph, x0 : x0 + pw]
-            tile = tile - tile.mean(axis=(1, 2), keepdims=True)
+            tile = (tile - tile.mean(axis=(1, 2), keepdims=True)) * win
             spec = sfft.rfft2(tile, workers=WORKERS)
             res = align_spectra(spec, (ph, pw), bfactor, iterations, tolerance, max_shift=ph / 8)
             pshifts[:, k] = res.shifts
@@ -508,7 +558,7 @@ def run(params: MotionCorParams, echo: bool = False) -> MotionCorResult:
     bfactor_out = params.bfactor[0] * _xcf_bin(out_shape) ** 2
     xcf = _xcf_grid(out_shape, bfactor_out)
     xcf_bin = (ox / xcf[1], oy / xcf[0])
-    xspec = crop_rfft(spec, xcf)
+    xspec = tapered_spectra(spec, xcf)
     outcome = align_spectra(
         xspec,
         xcf,
@@ -516,6 +566,7 @@ def run(params: MotionCorParams, echo: bool = False) -> MotionCorResult:
         params.iterations,
         params.tolerance_px / max(bin_out),
         binning=xcf_bin,
+        smooth=(0.5, 0.4),  # MotionCor2's passes for -Group 1
     )
     del xspec
     # -FmRef is 1-based in the input movie, thrown frames included (MotionCor2's rule).
@@ -527,9 +578,9 @@ def run(params: MotionCorParams, echo: bool = False) -> MotionCorResult:
     acc = np.zeros((oy, ox // 2 + 1), dtype=np.complex64)
     dw_acc = None
     if params.fm_dose is not None:
-        out_pixel = params.pixel_size_A * (nx / ox)  # type: ignore[operator]
-        k = np.sqrt(_freq2(out_shape)) / out_pixel
-        ne = critical_exposure(k, params.kv)
+        out_pixel = params.pixel_size_A * bin_out[0]  # type: ignore[operator]
+        kfreq = np.sqrt(_freq2(out_shape)) / out_pixel
+        ne = critical_exposure(kfreq, params.kv)
         dose_A2 = params.fm_dose  # -FmDose is e/A^2 per frame, as MotionCor2 takes it
         step = np.exp(-dose_A2 / (2.0 * ne)).astype(np.float32)  # one frame's attenuation
         weight = np.exp(-(params.init_dose + dose_A2 * (first + 1)) / (2.0 * ne)).astype(
@@ -549,7 +600,7 @@ def run(params: MotionCorParams, echo: bool = False) -> MotionCorResult:
             weight *= step
     scale = np.float32(oy * ox / (ny * nx))
     total = sfft.irfft2(acc, s=out_shape, workers=WORKERS).astype(np.float32) * scale
-    out_px = pixel * (nx / ox) if pixel else None
+    out_px = pixel * bin_out[0] if pixel else None
     result = MotionCorResult(
         shifts_px=shifts_in,
         ref_frame=ref,
@@ -569,7 +620,8 @@ def run(params: MotionCorParams, echo: bool = False) -> MotionCorResult:
             params.iterations,
             params.tolerance_px / max(bin_out),
         )
-        result.patch_centres, result.patch_shifts = centres, pshifts * np.array(bin_out)
+        result.patch_centres = centres * np.array(bin_out)  # input px, like MotionCor2
+        result.patch_shifts = pshifts * np.array(bin_out)
     del spec
     write_mrc(params.out_mrc, total, out_px)
     if dw_acc is not None:
@@ -619,6 +671,8 @@ def _echo(result: MotionCorResult) -> None:
         print(f"...... Frame ({i + 1:3d}) shift: {x:9.3f}  {y:9.3f}")
     print("")
     print(f"Global shifts are corrected. Reference frame {result.ref_frame + 1}.")
+    if result.patch_shifts is not None:
+        print("Patch shifts measured and logged; local motion is NOT corrected by this engine.")
     print(f"Written: {result.sum_path}" + (f", {result.dw_path}" if result.dw_path else ""))
     print(f"Computational time: {result.seconds:.2f} sec")
 
@@ -645,6 +699,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-FmDose", type=float)
     p.add_argument("-InitDose", type=float, default=0.0)
     p.add_argument("-Patch", type=int, nargs="+", default=[0, 0])
+    p.add_argument("-Group", type=int, nargs="+", default=[1, 1])
     p.add_argument("-Iter", type=int, default=7)
     p.add_argument("-Tol", type=float, default=0.5)
     p.add_argument("-Bft", type=float, nargs="+", default=[500.0, 150.0])
@@ -678,6 +733,7 @@ def params_from_args(ns: argparse.Namespace) -> MotionCorParams:
         flag = "-InMrc" if kind == "mrc" else "-InTiff"
         raise MotionCorError(f"{flag} {in_path}: expected a {'/'.join(expected)} file")
     patch = tuple(ns.Patch[:2]) if len(ns.Patch) >= 2 else (ns.Patch[0], ns.Patch[0])
+    grp = tuple(ns.Group[:2]) if len(ns.Group) >= 2 else (ns.Group[0], 1)
     bft = tuple(ns.Bft[:2]) if len(ns.Bft) >= 2 else (ns.Bft[0], 150.0)
     return MotionCorParams(
         in_path=in_path,
@@ -690,6 +746,7 @@ def params_from_args(ns: argparse.Namespace) -> MotionCorParams:
         fm_dose=ns.FmDose,
         init_dose=ns.InitDose,
         patch=(int(patch[0]), int(patch[1])),
+        group=(int(grp[0]), int(grp[1])),
         iterations=ns.Iter,
         tolerance_px=ns.Tol,
         bfactor=(float(bft[0]), float(bft[1])),

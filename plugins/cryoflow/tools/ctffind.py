@@ -2,13 +2,16 @@
 
 Airflow-free on purpose: the Slurm job script, the operator and the tests all use these pure
 functions. CTFFIND takes no flags for its parameters; it asks questions and reads one answer per
-line from standard input, and the questions depend on the version and on earlier answers. The
-orders here are those of CTFFIND 4.1.14 and 5.0.x as written in cisTEM's
-``src/programs/ctffind/ctffind.cpp`` (4.1.14 release code, and 5.0.2); CTFFIND 5 adds "Determine
-sample tilt?" (only without a phase-shift search) and "Determine samnple thickness?" (sic) before
-the expert options, and its expert block adds a target pixel size, a dark reference and "Weight
-down low resolution signal?". Development builds of cisTEM labelled 4.1.14 after October 2019 also
-ask the tilt question; answer those with ``version="5"`` only if they ask the thickness one too.
+line from standard input, and the questions depend on the version and on earlier answers. Three
+orders exist (cisTEM's ``src/programs/ctffind/ctffind.cpp``), keyed here as:
+
+* ``"4"``: CTFFIND 4.1.0-4.1.14 (the 4.1.14 release is the common one);
+* ``"4.1.15"``: 4.1.15-4.1.16 add "Determine sample tilt?" (asked only without a phase-shift
+  search) and, in the expert block, a dark reference and "Weight down low resolution signal?";
+* ``"5"``: 5.0.x also asks "Determine samnple thickness?" (sic) and a target pixel size.
+
+RELION 5 writes the same answers (its ctffind_runner answers the tilt question "as of 4.1.15").
+All write the 7-column summary, CTFFIND 5 adds tilt axis, tilt angle and thickness columns.
 
 Run the command with ``LC_ALL=C`` (:data:`ENV`): CTFFIND reads and writes numbers with the C
 library, so a locale with a decimal comma breaks both.
@@ -27,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 __all__ = [
     "ENV",
+    "VERSIONS",
     "AvrotProfile",
     "CtfEstimate",
     "CtfResult",
@@ -81,12 +85,12 @@ class CtffindParams(BaseModel):
     resample_if_pixel_too_small: bool = True
     target_pixel_size_A: float = Field(1.4, gt=0, description="CTFFIND 5 only; 4.1 uses 1.4")
     gain_path: Path | None = Field(None, description="movie not gain-corrected: its gain reference")
-    dark_path: Path | None = Field(None, description="CTFFIND 5 only: dark reference for a movie")
+    dark_path: Path | None = Field(None, description="4.1.15+: dark reference for a movie")
     known_defocus_A: tuple[float, float, float] | None = Field(
         None, description="(defocus 1, defocus 2, angle deg): only score this CTF"
     )
     known_phase_shift_rad: float = 0.0
-    weight_down_low_res: bool = Field(True, description="CTFFIND 5 only")
+    weight_down_low_res: bool = Field(True, description="4.1.15+ only")
     threads: int = Field(1, ge=1)
 
     @model_validator(mode="after")
@@ -109,14 +113,14 @@ class CtffindParams(BaseModel):
             raise ValueError("gain_path/dark_path apply to movies only (input_is_movie)")
         return self
 
-    def _expert_needed(self, version: Literal["4", "5"]) -> bool:
+    def _expert_needed(self) -> bool:
         return (
             not self.resample_if_pixel_too_small
-            or (version == "5" and self.target_pixel_size_A != 1.4)
+            or self.target_pixel_size_A != 1.4
             or self.gain_path is not None
-            or (version == "5" and self.dark_path is not None)
+            or self.dark_path is not None
             or self.known_defocus_A is not None
-            or (version == "5" and not self.weight_down_low_res)
+            or not self.weight_down_low_res
             or self.threads != 1
         )
 
@@ -129,19 +133,22 @@ def _num(x: float) -> str:
     return repr(float(x)) if not float(x).is_integer() else f"{float(x):.1f}"
 
 
-def stdin_answers(params: CtffindParams, version: Literal["4", "5"]) -> str:
-    """The answers CTFFIND ``version`` ("4" = 4.1.14, "5" = 5.0.x) expects, one per line."""
-    if version not in ("4", "5"):
-        raise ValueError(f"version must be '4' or '5', got {version!r}")
-    if version == "4":
-        only5 = {
-            "dark_path": params.dark_path is not None,
-            "target_pixel_size_A": params.target_pixel_size_A != 1.4,
-            "weight_down_low_res": not params.weight_down_low_res,
-        }
-        bad = [name for name, used in only5.items() if used]
-        if bad:
-            raise ValueError(f"CTFFIND 4.1 has no question for {', '.join(bad)}; use version '5'")
+Version = Literal["4", "4.1.15", "5"]
+VERSIONS: tuple[str, ...] = ("4", "4.1.15", "5")
+
+
+def stdin_answers(params: CtffindParams, version: Version) -> str:
+    """The answers CTFFIND ``version`` expects ("4", "4.1.15" or "5", see above), one per line."""
+    if version not in VERSIONS:
+        raise ValueError(f"version must be one of {', '.join(VERSIONS)}; got {version!r}")
+    unaskable = {
+        "dark_path": version == "4" and params.dark_path is not None,
+        "weight_down_low_res": version == "4" and not params.weight_down_low_res,
+        "target_pixel_size_A": version != "5" and params.target_pixel_size_A != 1.4,
+    }
+    bad = [name for name, used in unaskable.items() if used]
+    if bad:
+        raise ValueError(f"CTFFIND version {version} has no question for {', '.join(bad)}")
     p = params
     a: list[str] = [str(p.input_path)]
     if p.input_is_stack:
@@ -163,18 +170,18 @@ def stdin_answers(params: CtffindParams, version: Literal["4", "5"]) -> str:
     if p.find_phase_shift:
         a += [_num(p.min_phase_shift_rad), _num(p.max_phase_shift_rad)]
         a.append(_num(p.phase_shift_step_rad))
+    if version != "4" and not p.find_phase_shift:
+        a.append("no")  # Determine sample tilt?
     if version == "5":
-        if not p.find_phase_shift:
-            a.append("no")  # Determine sample tilt?
         a.append("no")  # Determine samnple thickness?
-    expert = p._expert_needed(version)
+    expert = p._expert_needed()
     a.append(_yn(expert))
     if expert:
         a.append(_yn(p.resample_if_pixel_too_small))
         if version == "5" and p.resample_if_pixel_too_small:
             a.append(_num(p.target_pixel_size_A))
         if p.input_is_movie:
-            if version == "5":
+            if version != "4":
                 a.append(_yn(p.dark_path is None))
                 if p.dark_path is not None:
                     a.append(str(p.dark_path))
@@ -187,7 +194,7 @@ def stdin_answers(params: CtffindParams, version: Literal["4", "5"]) -> str:
             a += [_num(v) for v in p.known_defocus_A]
             if p.find_phase_shift:
                 a.append(_num(p.known_phase_shift_rad))
-        if version == "5":
+        if version != "4":
             a.append(_yn(p.weight_down_low_res))
         a.append(str(p.threads))
     return "\n".join(a) + "\n"

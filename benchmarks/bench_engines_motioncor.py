@@ -1,0 +1,195 @@
+"""Benchmark of the built-in motion-correction engine on detector-sized synthetic movies.
+
+Prints, per movie size: seconds per movie, the FFT floor measured on this machine, peak memory,
+and the drift error against the known truth next to a plain whole-frame cross-correlation
+baseline (scikit-image's phase_cross_correlation when installed, else our own upsampled one).
+
+    .venv/bin/python benchmarks/bench_engines_motioncor.py            # K3 and Falcon, ~10 min
+    .venv/bin/python benchmarks/bench_engines_motioncor.py --quick    # 1024 px only
+
+FFT floor: whatever the algorithm, each frame must be Fourier transformed once at full size
+(exact sub-pixel shifts and Fourier binning need the spectrum), the sum needs one inverse
+transform per output (sum, _DW sum), and each alignment iteration needs at least one inverse
+correlation transform per frame on the alignment grid. The floor is those transforms alone,
+timed with the same library (scipy.fft, all cores) on this machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+import scipy.fft as sfft
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "plugins"))
+
+from cryoflow.engines import motioncor as mc  # noqa: E402
+from cryoflow.engines import synthetic as syn  # noqa: E402
+from cryoflow.engines.ctf_model import CTFParams  # noqa: E402
+
+SIZES = {
+    "K3 5760x4092 x40": (4092, 5760, 40),
+    "Falcon 4096x4096 x40": (4096, 4096, 40),
+}
+
+
+def make_movie(ny: int, nx: int, n: int, contrast: float, seed: int, out: Path) -> np.ndarray:
+    """Write a counting TIFF at 1 e/px/frame (0.83 A/px, 150 A particles); return true shifts."""
+    rng = np.random.default_rng(seed)
+    pad, pixel = 32, 0.83
+    area = (ny * nx) / (1024 * 1024)
+    dens, _ = syn.make_specimen(
+        (ny + 2 * pad, nx + 2 * pad),
+        pixel,
+        n_particles=int(7 * area),
+        diameter_A=150.0,
+        n_contaminants=max(1, int(area / 8)),
+        contaminant_diameter_A=500.0,
+        rng=rng,
+    )
+    img = contrast * syn.apply_ctf(dens, pixel, CTFParams(15000.0, 14500.0, 30.0))
+    del dens
+    drift = syn.default_drift(n, 15.0, rng)
+    frames, truth = syn.make_movie(
+        img, n_frames=n, dose_per_frame=1.0, drift=drift, rng=rng, out_shape=(ny, nx)
+    )
+    syn.write_movie_tiff(out, frames)
+    return truth.shifts_px
+
+
+def fft_floor(ny: int, nx: int, n: int, xcf: tuple[int, int], iters: int) -> dict[str, float]:
+    """Seconds for the transforms any implementation of this algorithm must do."""
+    a = np.random.default_rng(0).random((ny, nx), dtype=np.float32)
+    t = time.perf_counter()
+    spec = sfft.rfft2(a, workers=mc.WORKERS)
+    fwd = time.perf_counter() - t
+    t = time.perf_counter()
+    sfft.irfft2(spec, s=(ny, nx), workers=mc.WORKERS)
+    inv = time.perf_counter() - t
+    small = np.random.default_rng(1).random(xcf, dtype=np.float32)
+    sspec = sfft.rfft2(small)
+    reps = 20
+    t = time.perf_counter()
+    for _ in range(reps):
+        sfft.irfft2(sspec, s=xcf, workers=mc.WORKERS)
+    cc = (time.perf_counter() - t) / reps
+    return {
+        "forward_full_s": n * fwd,
+        "inverse_sums_s": 2 * inv,
+        "cc_per_iteration_s": n * cc,
+        "floor_s": n * fwd + 2 * inv + iters * n * cc,
+    }
+
+
+def run_engine(movie: Path, out_dir: Path) -> dict:
+    """Run the engine in a fresh process: its wall time and peak memory are then its own."""
+    code = f"""
+import json, resource, sys, time, tracemalloc
+sys.path.insert(0, {str(Path(__file__).resolve().parents[1] / "plugins")!r})
+from pathlib import Path
+from cryoflow.engines import motioncor as mc
+tracemalloc.start()
+t = time.perf_counter()
+out = Path({str(out_dir)!r})
+res = mc.run(mc.MotionCorParams(in_path=Path({str(movie)!r}), out_mrc=out / "s.mrc",
+             pixel_size_A=0.83, fm_dose=1.0 / 0.83**2, log_dir=out))
+wall = time.perf_counter() - t
+print(json.dumps({{"wall_s": wall, "iterations": res.iterations, "shifts": res.shifts_px.tolist(),
+    "tracemalloc_peak_gb": tracemalloc.get_traced_memory()[1] / 1e9,
+    "maxrss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6}}))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def baseline(movie: Path) -> tuple[np.ndarray, float, str]:
+    """Whole-frame sub-pixel cross-correlation of each frame against the sum of the others,
+    one pass, no iteration (the simplest method a person would write)."""
+    import tifffile
+
+    try:
+        from skimage.registration import phase_cross_correlation
+
+        def register(ref: np.ndarray, mov: np.ndarray) -> tuple[float, float]:
+            (dy, dx), _, _ = phase_cross_correlation(
+                ref, mov, upsample_factor=20, normalization=None
+            )
+            return -dx, -dy
+
+        name = "skimage.registration.phase_cross_correlation(upsample 20, no whitening)"
+    except ImportError:  # pragma: no cover - depends on the environment
+
+        def register(ref: np.ndarray, mov: np.ndarray) -> tuple[float, float]:
+            cc = sfft.irfft2(sfft.rfft2(mov) * np.conj(sfft.rfft2(ref)), s=ref.shape)
+            return mc.find_peak(cc, min(ref.shape) / 4)
+
+        name = "own whole-frame CC (3-point Gaussian peak)"
+    frames = tifffile.imread(movie)
+    t = time.perf_counter()
+    total = frames.sum(axis=0, dtype=np.float32)
+    shifts = []
+    for f in frames:
+        f32 = f.astype(np.float32)
+        shifts.append(register(total - f32, f32))
+    return np.asarray(shifts), time.perf_counter() - t, name
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="1024 px x 24 frames only")
+    ap.add_argument("--contrast", type=float, default=0.3, help="specimen contrast scale")
+    ap.add_argument("--no-baseline", action="store_true")
+    args = ap.parse_args()
+    sizes = {"test-size 1024x1024 x24": (1024, 1024, 24)} if args.quick else SIZES
+    print(f"cores: {os.cpu_count()}, scipy.fft workers: {mc.WORKERS}, contrast {args.contrast}")
+    for label, (ny, nx, n) in sizes.items():
+        with tempfile.TemporaryDirectory(prefix="bench_mc_") as tmp:
+            movie = Path(tmp) / "movie.tiff"
+            t = time.perf_counter()
+            true = make_movie(ny, nx, n, args.contrast, 1, movie)
+            gen = time.perf_counter() - t
+            res = run_engine(movie, Path(tmp))
+            est = np.asarray(res["shifts"])
+            bexp = 500.0 * mc._xcf_bin((ny, nx)) ** 2
+            floor = fft_floor(ny, nx, n, mc._xcf_grid((ny, nx), bexp), res["iterations"])
+            print(
+                f"\n== {label} (movie written in {gen:.0f} s, {movie.stat().st_size / 1e6:.0f} MB)"
+            )
+            print(f"engine: {res['wall_s']:.1f} s/movie, {res['iterations']} iterations")
+            print(
+                f"  FFT floor: {floor['floor_s']:.1f} s (full forward {floor['forward_full_s']:.1f}"
+                f" + inverse sums {floor['inverse_sums_s']:.1f} + CC"
+                f" {floor['cc_per_iteration_s']:.2f}/iteration); engine = "
+                f"{res['wall_s'] / floor['floor_s']:.1f} x floor (the rest: TIFF decode, gain,"
+                " phase ramps, dose weights, MRC/PNG writing)"
+            )
+            print(
+                f"  peak memory: maxrss {res['maxrss_gb']:.2f} GB, tracemalloc "
+                f"{res['tracemalloc_peak_gb']:.2f} GB"
+            )
+            print(f"  drift RMS error: {mc.trajectory_rms_error(est, true):.3f} px")
+            if not args.no_baseline:
+                tracemalloc.start()
+                bshifts, bsec, name = baseline(movie)
+                bpeak = tracemalloc.get_traced_memory()[1] / 1e9
+                tracemalloc.stop()
+                print(
+                    f"baseline {name}: {bsec:.1f} s, drift RMS error "
+                    f"{mc.trajectory_rms_error(bshifts, true):.3f} px, tracemalloc {bpeak:.2f} GB"
+                )
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+    print(f"\nbenchmark process maxrss (generation + baseline): {rss:.2f} GB")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

