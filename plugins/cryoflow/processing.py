@@ -57,7 +57,7 @@ class MoviePaths:
 
 def movie_paths(handle: SessionHandle, file_id: int, relpath: str, dest: str) -> MoviePaths:
     rel = PurePosixPath(relpath)
-    stem = rel.name.split(".")[0]
+    stem = PurePosixPath(rel.name).stem  # SerialEM names hold dots: cut the extension only
     sub = rel.parent.as_posix()
     processed = Path(handle.dest_root) / "processed"
     mc = processed / "motioncor" / sub

@@ -102,6 +102,12 @@ class SimulatorConfig(BaseModel):
     diameter_A: float = Field(150.0, gt=0)
     drift_px: float = Field(5.0, ge=0, description="total drift path per movie (synthetic)")
     contrast: float = Field(0.3, gt=0, description="fractional contrast of particles")
+    ice: float = Field(
+        0.05,
+        ge=0,
+        description="amorphous ice: white-noise density (std, particle peak = 1) under the CTF; "
+        "it is what makes Thon rings visible between particles",
+    )
     gain: bool = True
     holes_per_square: int = Field(4, ge=1, description="EPU: movies per grid square")
     session_name: str = Field("cryoflow_sim", pattern=r"^[^/\\\x00]+$")
@@ -416,6 +422,8 @@ def _render(
         diameter_A=cfg.diameter_A,
         rng=rng,
     )
+    if cfg.ice > 0:
+        density = density + rng.normal(0.0, cfg.ice, density.shape).astype(np.float32)
     image = cfg.contrast * apply_ctf(density, cfg.pixel_size_A, ctf)
     frames, truth = make_movie(
         image,
@@ -868,6 +876,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--particles", type=int, default=10, help="per movie (synthetic content)")
     p.add_argument("--diameter", type=float, default=150.0, help="particle diameter, Angstrom")
     p.add_argument("--drift", type=float, default=5.0, help="drift path per movie, px")
+    p.add_argument(
+        "--contrast", type=float, default=0.3, help="fractional contrast of particles (synthetic)"
+    )
+    p.add_argument("--ice", type=float, default=0.05, help="ice texture std (synthetic)")
     p.add_argument("--no-gain", action="store_true", help="write no gain reference")
     p.add_argument("--session-name", default="cryoflow_sim")
     return p
@@ -898,6 +910,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             particles=args.particles,
             diameter_A=args.diameter,
             drift_px=args.drift,
+            contrast=args.contrast,
+            ice=args.ice,
             gain=not args.no_gain,
             session_name=args.session_name,
         )

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import scipy.fft as sfft
 from scipy import ndimage
 
 from cryoflow.engines.ctf_model import CTFParams, ctf_2d, spatial_frequency_grid
@@ -315,9 +316,10 @@ def make_movie(
         efficiency = (1.0 / gain).astype(np.float32)
     frames = np.empty((n_frames, oy, ox), dtype=dtype)
     limit = np.iinfo(dtype).max if np.issubdtype(dtype, np.integer) else np.inf
-    ft = np.fft.rfft2(img)
+    # Single precision and all cores: a K3-sized movie is 40 full-size inverse FFTs.
+    ft = sfft.rfft2(img, workers=-1)
     for i in range(n_frames):
-        moved = np.fft.irfft2(ft * _phase_ramp((ny, nx), *shifts[i]), s=(ny, nx))
+        moved = sfft.irfft2(ft * _phase_ramp((ny, nx), *shifts[i]), s=(ny, nx), workers=-1)
         lam = np.clip(1.0 + moved[y0 : y0 + oy, x0 : x0 + ox], 0.0, None) * dose_per_frame
         if efficiency is not None:
             lam *= efficiency
