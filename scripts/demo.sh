@@ -74,12 +74,13 @@ SESSION=demo_$(date +%Y%m%d_%H%M%S)
 log "enabling session_krios1 and starting session $SESSION (as an operator would in the UI)"
 airflow dags unpause session_krios1 >/dev/null
 airflow dags trigger session_krios1 --run-id "${SESSION}__start" \
-  --conf "{\"session_name\": \"$SESSION\", \"project\": \"demo\", \"sample\": \"apoferritin (simulated)\", \"idle_timeout_minutes\": 3}" >/dev/null
+  --conf "{\"session_name\": \"$SESSION\", \"project\": \"demo\", \"sample\": \"simulated particles\", \"pixel_size_A\": 2.0, \"frames\": 16, \"dose_per_frame\": 1.0, \"idle_timeout_minutes\": 3}" >/dev/null
 
 log "simulated Krios 1 writes $MOVIES movies into $DEMO/share/krios1/$SESSION"
 cryoflow-simulate --layout epu --out "$DEMO/share/krios1/$SESSION" --truth-dir "$DEMO/truth/$SESSION" \
   --movies "$MOVIES" --interval "$INTERVAL" --write-seconds 4 --frames 16 --size 1024x1024 \
-  --pixel-size 1.0 --content synthetic --session-name "$SESSION" >"$DEMO/simulator.log" 2>&1 &
+  --pixel-size 2.0 --dose-per-frame 1.0 --content synthetic --particles 40 --contrast 1.0 \
+  --session-name "$SESSION" >"$DEMO/simulator.log" 2>&1 &
 SIM_PID=$!
 
 PASSWORD=$(python -c "import json,sys; print(json.load(open(sys.argv[1]))['admin'])" \

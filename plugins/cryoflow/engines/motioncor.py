@@ -388,7 +388,7 @@ def edge_taper(shape: tuple[int, int], fraction: float = 0.1) -> np.ndarray:
     return tukey(shape[0])[:, None] * tukey(shape[1])[None, :]
 
 
-def tapered_spectra(spec: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
+def tapered_spectra(spec: Sequence[np.ndarray], grid: tuple[int, int]) -> np.ndarray:
     """Alignment spectra on ``grid``: each frame Fourier-cropped, mean removed, edges tapered.
 
     Why: a frame is not periodic, so its FFT carries the step at the image border. That step is
@@ -396,8 +396,8 @@ def tapered_spectra(spec: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
     borders removes it. Done at the small alignment size (two small FFTs per frame).
     """
     win = edge_taper(grid)
-    out = np.empty((spec.shape[0], grid[0], grid[1] // 2 + 1), dtype=np.complex64)
-    for i in range(spec.shape[0]):
+    out = np.empty((len(spec), grid[0], grid[1] // 2 + 1), dtype=np.complex64)
+    for i in range(len(spec)):
         small = sfft.irfft2(crop_rfft(spec[i], grid), s=grid, workers=WORKERS)
         small -= small.mean()
         small *= win
@@ -481,7 +481,7 @@ def _out_shape(shape: tuple[int, int], ft_bin: float) -> tuple[int, int]:
 
 
 def _measure_patches(
-    out_spec: np.ndarray,
+    out_spec: Sequence[np.ndarray],
     out_shape: tuple[int, int],
     shifts_out: np.ndarray,
     patch: tuple[int, int],
@@ -490,7 +490,7 @@ def _measure_patches(
     tolerance: float,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Residual local motion per patch after global correction (measured, not corrected)."""
-    n = out_spec.shape[0]
+    n = len(out_spec)
     oy, ox = out_shape
     px, py = patch
     ph, pw = _even(oy / py), _even(ox / px)
@@ -542,15 +542,15 @@ def run(params: MotionCorParams, echo: bool = False) -> MotionCorResult:
         oy, ox = out_shape
         bin_out = (nx / ox, ny / oy) if params.ft_bin != 1.0 else (1.0, 1.0)
         # Pass 1: one FFT per frame; keep the spectrum on the output grid.
-        spec = np.empty((n, oy, ox // 2 + 1), dtype=np.complex64)
-        for k, i in enumerate(range(first, last)):
+        # A list, not one array: an uncropped spectrum is kept as scipy returned it (no copy).
+        spec: list[np.ndarray] = []
+        for i in range(first, last):
             frame = movie.frame(i)
             if gain is not None:
                 frame *= gain
-            frame_spec = sfft.rfft2(frame, workers=WORKERS)
-            spec[k] = crop_rfft(frame_spec, out_shape)
+            spec.append(crop_rfft(sfft.rfft2(frame, workers=WORKERS), out_shape))
             del frame
-    if not np.all(np.isfinite(spec[:, 0, 0])):
+    if not all(np.isfinite(s[0, 0]) for s in spec):
         raise MotionCorError(f"{params.in_path}: frames contain NaN or infinite values")
 
     # Alignment on the xcf grid (a further crop), shifts returned in output px.
@@ -574,32 +574,6 @@ def run(params: MotionCorParams, echo: bool = False) -> MotionCorResult:
     shifts_out = outcome.shifts - outcome.shifts[ref]
     shifts_in = shifts_out * np.array(bin_out)  # report in input px, like MotionCor2
 
-    # Sums in Fourier space (one inverse FFT each).
-    acc = np.zeros((oy, ox // 2 + 1), dtype=np.complex64)
-    dw_acc = None
-    if params.fm_dose is not None:
-        out_pixel = params.pixel_size_A * bin_out[0]  # type: ignore[operator]
-        kfreq = np.sqrt(_freq2(out_shape)) / out_pixel
-        ne = critical_exposure(kfreq, params.kv)
-        dose_A2 = params.fm_dose  # -FmDose is e/A^2 per frame, as MotionCor2 takes it
-        step = np.exp(-dose_A2 / (2.0 * ne)).astype(np.float32)  # one frame's attenuation
-        weight = np.exp(-(params.init_dose + dose_A2 * (first + 1)) / (2.0 * ne)).astype(
-            np.float32
-        )  # end of the first summed frame (pre-exposure and thrown frames included)
-        w2 = np.zeros_like(weight)
-        dw_acc = np.zeros_like(acc)
-    for i in range(n):
-        r0, r1 = phase_ramp(out_shape, -shifts_out[i, 0], -shifts_out[i, 1])
-        moved = spec[i] * r0
-        moved *= r1
-        acc += moved
-        if dw_acc is not None:
-            moved *= weight
-            dw_acc += moved
-            w2 += weight * weight
-            weight *= step
-    scale = np.float32(oy * ox / (ny * nx))
-    total = sfft.irfft2(acc, s=out_shape, workers=WORKERS).astype(np.float32) * scale
     out_px = pixel * bin_out[0] if pixel else None
     result = MotionCorResult(
         shifts_px=shifts_in,
@@ -610,7 +584,7 @@ def run(params: MotionCorParams, echo: bool = False) -> MotionCorResult:
         sum_path=Path(params.out_mrc),
         pixel_size_A=out_px,
     )
-    if params.patch[0] > 1:
+    if params.patch[0] > 1:  # before the sums, which reuse the spectra's memory
         centres, pshifts = _measure_patches(
             spec,
             out_shape,
@@ -622,12 +596,44 @@ def run(params: MotionCorParams, echo: bool = False) -> MotionCorResult:
         )
         result.patch_centres = centres * np.array(bin_out)  # input px, like MotionCor2
         result.patch_shifts = pshifts * np.array(bin_out)
-    del spec
-    write_mrc(params.out_mrc, total, out_px)
-    if dw_acc is not None:
+
+    # Sums in Fourier space (one inverse FFT each); the spectra are shifted in place.
+    acc = np.zeros((oy, ox // 2 + 1), dtype=np.complex64)
+    dw_acc = None
+    if params.fm_dose is not None:
+        out_pixel = params.pixel_size_A * bin_out[0]  # type: ignore[operator]
+        ne = critical_exposure(np.sqrt(_freq2(out_shape)) / out_pixel, params.kv)
+        dose_A2 = params.fm_dose  # -FmDose is e/A^2 per frame, as MotionCor2 takes it
+        step = np.exp(-dose_A2 / (2.0 * ne)).astype(np.float32)  # one frame's attenuation
+        # Exposure at the end of the first summed frame (pre-exposure, thrown frames included).
+        weight = np.exp(-(params.init_dose + dose_A2 * (first + 1)) / (2.0 * ne)).astype(np.float32)
+        # sum_i weight_i^2 is a geometric series in step^2 (n where there is no attenuation).
+        q2 = step.astype(np.float64) ** 2
+        w2 = np.where(
+            1.0 - q2 > 1e-9,
+            weight.astype(np.float64) ** 2 * (1.0 - q2**n) / np.maximum(1.0 - q2, 1e-300),
+            n * weight.astype(np.float64) ** 2,
+        )
         # Noise-power restoring normalisation (Grant & Grigorieff 2015, eq. 9), scaled so that
         # the DC term (weight 1 in every frame) equals the plain sum's.
         norm = np.sqrt(n / np.maximum(w2, 1e-30)).astype(np.float32)
+        del q2, w2, ne
+        dw_acc = np.zeros_like(acc)
+    for i in range(n):
+        r0, r1 = phase_ramp(out_shape, -shifts_out[i, 0], -shifts_out[i, 1])
+        moved = spec[i]
+        moved *= r0
+        moved *= r1
+        acc += moved
+        if dw_acc is not None:
+            moved *= weight
+            dw_acc += moved
+            weight *= step
+    scale = np.float32(oy * ox / (ny * nx))
+    total = sfft.irfft2(acc, s=out_shape, workers=WORKERS).astype(np.float32) * scale
+    del spec
+    write_mrc(params.out_mrc, total, out_px)
+    if dw_acc is not None:
         dw_acc *= norm
         dw = sfft.irfft2(dw_acc, s=out_shape, workers=WORKERS).astype(np.float32) * scale
         dw_path = Path(params.out_mrc).with_name(Path(params.out_mrc).stem + "_DW.mrc")
