@@ -101,11 +101,11 @@ def session_form(scope: MicroscopeConfig) -> dict[str, Param]:
     }
 
 
-def processing(facility: FacilityConfig, session, moved) -> None:
+def processing(facility: FacilityConfig, scope_id: str, session, moved) -> None:
     """MotionCor2 -> (CTFFIND, DoG picker), each one job array per batch, results to the ledger."""
 
     def step(stage: str, software: str, task_id: str, inputs):
-        plan = plan_step.override(task_id=f"plan_{stage}")(stage, session, inputs)
+        plan = plan_step.override(task_id=f"plan_{stage}")(stage, scope_id, session, inputs)
         job = ComputeArrayOperator(
             task_id=task_id,
             backend=facility.compute[facility.software[software].backend],
@@ -154,7 +154,7 @@ def build(scope: MicroscopeConfig, facility: FacilityConfig) -> DAG:
         )
         decide >> cont >> next_batch
         decide >> close_session(session, wait.output, scope.id)
-        processing(facility, session, moved)
+        processing(facility, scope.id, session, moved)
     return dag
 
 

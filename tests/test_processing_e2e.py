@@ -147,6 +147,10 @@ def test_session_is_processed_on_slurm_and_matches_the_truth(
         mc, ctf, picks = (stages[(f.id, st)] for st in ("motioncor", "ctf", "picking"))
         assert (mc.state, ctf.state, picks.state) == (StageState.DONE,) * 3, (mc.error, ctf.error)
         assert mc.job_id and ctf.job_id and picks.job_id
+        # what SerialEM's mdoc says about the movie is kept beside the results
+        acquisition = stages[(f.id, "acquisition")].results
+        assert acquisition["pixel_size_A"] == pytest.approx(2.0)
+        assert acquisition["n_frames"] == 24
         drift_err = _rms_drift_error(mc.results["shifts_px"], truth["shifts_px"])
         true_df = 0.5 * (truth["ctf"]["defocus1_A"] + truth["ctf"]["defocus2_A"])
         est_df = 0.5 * (ctf.results["defocus1_A"] + ctf.results["defocus2_A"])

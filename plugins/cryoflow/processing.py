@@ -25,7 +25,8 @@ import tifffile
 from cryoflow.config import FacilityConfig
 from cryoflow.ledger import FileState, Ledger, StageState
 from cryoflow.session import SessionHandle, SessionParams
-from cryoflow.share.layout import FileKind
+from cryoflow.share.layout import FileKind, Layout, metadata_for_movie
+from cryoflow.share.metadata import MetadataError, read_movie_metadata
 from cryoflow.tools import ctffind as ctffind_tool
 from cryoflow.tools import dogpicker as dogpicker_tool
 from cryoflow.tools import motioncor2 as motioncor_tool
@@ -85,6 +86,46 @@ def batch_movies(handle: SessionHandle, copied: list[dict[str, Any]]) -> list[Mo
 def _dirs(paths: list[Path], mode: int) -> None:
     for p in paths:
         make_dirs(p, mode)
+
+
+# ----------------------------------------------------------------------------- metadata
+
+
+def record_acquisition(
+    ledger: Ledger,
+    handle: SessionHandle,
+    movies: list[MoviePaths],
+    layout: Layout,
+    params: SessionParams,
+) -> list[str]:
+    """Store what EPU's XML / SerialEM's mdoc says about each movie; return disagreements with
+    the session form (a wrong pixel size or dose would silently spoil every result)."""
+    raw = Path(handle.dest_root) / "raw"
+    warnings = []
+    for m in movies:
+        found = [
+            raw / rel for rel in metadata_for_movie(m.relpath, layout) if (raw / rel).is_file()
+        ]
+        if not found:
+            continue
+        try:
+            meta = read_movie_metadata(found[0])
+        except (MetadataError, OSError) as exc:
+            warnings.append(f"{m.relpath}: metadata unreadable: {exc}")
+            continue
+        ledger.record_stage(
+            m.file_id, "acquisition", StageState.DONE, results=meta.model_dump(mode="json")
+        )
+        for name, stated, form in (
+            ("pixel size", meta.pixel_size_A, params.pixel_size_A),
+            ("dose per frame", meta.dose_per_frame_e_per_A2, params.dose_per_frame),
+        ):
+            if stated and abs(stated / form - 1) > 0.02:
+                warnings.append(
+                    f"{m.relpath}: {found[0].name} states {name} {stated:g}, the session form "
+                    f"{form:g}; processing uses the form's value"
+                )
+    return warnings
 
 
 # ----------------------------------------------------------------------------- MotionCor2

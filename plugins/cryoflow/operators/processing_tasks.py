@@ -38,7 +38,7 @@ def _context() -> tuple[Any, SessionParams]:
 
 
 @task(multiple_outputs=True)
-def plan_step(stage: str, session: dict[str, Any], inputs: Any) -> dict[str, Any]:
+def plan_step(stage: str, microscope_id: str, session: dict[str, Any], inputs: Any) -> dict:
     """One argument list per movie for ``stage``; skipped when switched off or nothing to do."""
     facility, params = _context()
     switch, _ = STEPS[stage]
@@ -54,6 +54,9 @@ def plan_step(stage: str, session: dict[str, Any], inputs: Any) -> dict[str, Any
     stdin = None
     if stage == "motioncor":
         ledger = Ledger(facility.storage.ledger_url)
+        layout = load_site().microscopes[microscope_id].layout
+        for warning in processing.record_acquisition(ledger, handle, movies, layout, params):
+            log.warning("%s", warning)
         gain = processing.gain_reference(ledger, handle, params, facility.permissions.dir_mode)
         log.info("Gain reference: %s", gain or "none found (movies assumed gain-corrected)")
         tasks = processing.plan_motioncor(facility, params, handle, movies, gain)
