@@ -17,7 +17,7 @@ if [[ -f $PREFIX/.cryoflow-engines && $(cat "$PREFIX/.cryoflow-engines") == "$wa
 fi
 [[ -x $PREFIX/bin/python ]] || "$UV" venv --quiet --python "$PY" "$PREFIX"
 "$UV" pip install --quiet --python "$PREFIX/bin/python" -c "$REPO/requirements.lock" \
-  numpy scipy mrcfile tifffile starfile pandas pillow pydantic
+  numpy scipy mrcfile tifffile imagecodecs starfile pandas pillow pydantic
 "$UV" pip install --quiet --python "$PREFIX/bin/python" --no-deps --reinstall-package cryoflow "$REPO"
 chmod -R a+rX "$PREFIX"
 echo "$want" > "$PREFIX/.cryoflow-engines"

@@ -365,3 +365,22 @@ def test_a_failed_write_leaves_nothing_under_the_final_name(tmp_path):
     write_mrc(tmp_path / "good.mrc", np.ones((8, 8), np.float32), 1.5)
     assert _outputs(tmp_path) == ["good.mrc"]
     assert oct((tmp_path / "good.mrc").stat().st_mode & 0o777) != oct(0o600)  # not mkstemp's
+
+
+def test_lzw_compressed_tiff_as_k3_writes_it_gives_the_same_alignment(movie, tmp_path):
+    """EPU and SerialEM write K3 movies as LZW-compressed TIFF; they must read like plain ones."""
+    import tifffile
+
+    lzw = tmp_path / "K3_lzw_fractions.tiff"
+    tifffile.imwrite(lzw, movie["frames"], compression="lzw")
+    assert tifffile.TiffFile(lzw).pages[0].compression == tifffile.COMPRESSION.LZW
+    shifts = {}
+    for name, path in (("plain", movie["root"] / "FoilHole_1_Data_2_fractions.tiff"), ("lzw", lzw)):
+        rc = mc.main(
+            ["-InTiff", str(path), "-OutMrc", str(tmp_path / name / "mic.mrc"),
+             "-Gain", str(movie["root"] / "gain.mrc"), "-PixSize", str(PIXEL_A),
+             "-Iter", "7", "-Tol", "0.5", "-Bft", "500", "150", "-LogDir", str(tmp_path / name)]
+        )  # fmt: skip
+        assert rc == 0
+        shifts[name] = parse_shift_log(find_shift_log(tmp_path / name, path.name)).shifts_px
+    assert shifts["lzw"] == shifts["plain"]

@@ -106,10 +106,14 @@ class MovieInfo:
         self._mrc = None
         self._tif = None
         self.pixel_size_A: float | None = None
-        if kind == "mrc":
-            self._open_mrc()
-        else:
-            self._open_tiff()
+        try:
+            if kind == "mrc":
+                self._open_mrc()
+            else:
+                self._open_tiff()
+        except BaseException:
+            self.close()  # no file handle left behind by a refused file
+            raise
 
     def _open_mrc(self) -> None:
         import mrcfile
@@ -149,10 +153,9 @@ class MovieInfo:
             self._tif = tifffile.TiffFile(self.path)
             pages = self._tif.pages
             n = len(pages)
-            first = pages.first if hasattr(pages, "first") else pages[0]
             if n == 0:
-                raise ImageReadError(f"{self.path}: TIFF file has no pages")
-            shape = first.shape
+                raise ImageReadError(f"{self.path}: TIFF file has no pages (empty or cut short)")
+            shape = pages[0].shape
         except ImageReadError:
             raise
         except Exception as exc:  # tifffile raises many kinds for damaged files

@@ -14,6 +14,9 @@ Conventions (all engines and tests rely on them):
 * Gain: ``gain`` is a *gain reference* as MotionCor2's ``-Gain`` expects it: the corrected frame is
   ``raw * gain``. The detector's per-pixel efficiency is therefore ``1 / gain``: raw counts are
   ``Poisson(dose * intensity / gain)``, integers, as a counting camera writes them.
+* Contrast: :func:`make_movie` takes fractional contrast. ``0.3 * apply_ctf(density)`` gives an
+  image std of ~1.5 %, about what a single-particle micrograph shows; motion-correction accuracy
+  at 1 e/px/frame depends strongly on it and on the frame size (see the engine's benchmark).
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ __all__ = [
     "default_drift",
     "fourier_shift",
     "main",
+    "make_gain",
     "make_micrograph",
     "make_movie",
     "make_specimen",
