@@ -101,6 +101,7 @@ def test_stage_results_are_recorded_per_file(ledger: Ledger) -> None:
     fid, _ = ledger.begin_copy(sid, "m.tif", kind="movie", size=1, mtime_ns=1, batch="r")
     ledger.record_stage(fid, "ctf", StageState.SUBMITTED, job_id="42", array_index=0)
     ledger.record_stage(fid, "ctf", StageState.DONE, results={"defocus1_A": 12000.5})
+    assert ledger.stage_counts(sid) == {"ctf": {"done": 1}}
     (row,) = ledger.stages([fid])
     assert (row.state, row.job_id, row.attempts) == (StageState.DONE, "42", 1)
     assert row.results == {"defocus1_A": 12000.5}

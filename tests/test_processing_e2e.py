@@ -157,8 +157,7 @@ def test_session_is_processed_on_slurm_and_matches_the_truth(
         ny, nx = truth["specimen"]["shape"]
         r = 150.0 / 2 / 2.0  # particle radius in px (150 Å at 2 Å/px)
         n_true = sum(  # particles whole inside the frame; pickers skip those cut by the edge
-            r <= p["x"] <= nx - r and r <= p["y"] <= ny - r
-            for p in truth["specimen"]["particles"]
+            r <= p["x"] <= nx - r and r <= p["y"] <= ny - r for p in truth["specimen"]["particles"]
         )
         report.append(
             (f.relpath[-30:], drift_err, est_df / true_df - 1, picks.results["particles"], n_true)
@@ -167,6 +166,13 @@ def test_session_is_processed_on_slurm_and_matches_the_truth(
         assert abs(est_df / true_df - 1) < 0.005, report
         assert 0.8 * n_true <= picks.results["particles"] <= 1.25 * n_true, report
     print(report)
+
+    summary = json.loads(
+        (slurm_site["base"] / "gpfs" / f"{datetime.now().year}" / session / "logs"
+         / "session_summary.json").read_text()
+    )  # fmt: skip
+    for stage in ("motioncor", "ctf", "picking", "acquisition"):
+        assert summary["processing"][stage] == {"done": 3}, summary
 
     # RELION can continue from here
     year = datetime.now().year

@@ -316,6 +316,20 @@ class Ledger:
             row.results = results if results is not None else (row.results or {})
             row.error = error
 
+    def stage_counts(self, session_id: int) -> dict[str, dict[str, int]]:
+        """{stage: {state: movies}} for a session: what processing achieved so far."""
+        with self._tx() as s:
+            rows = s.execute(
+                select(StageRow.stage, StageRow.state, func.count())
+                .join(FileRow, FileRow.id == StageRow.file_id)
+                .where(FileRow.session_id == session_id)
+                .group_by(StageRow.stage, StageRow.state)
+            )
+            counts: dict[str, dict[str, int]] = {}
+            for stage, state, n in rows:
+                counts.setdefault(stage, {})[str(state)] = n
+            return counts
+
     def stages(self, file_ids: Iterable[int]) -> list[StageRow]:
         with self._tx() as s:
             return list(s.scalars(select(StageRow).where(StageRow.file_id.in_(list(file_ids)))))

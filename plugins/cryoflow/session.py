@@ -269,6 +269,7 @@ def close_session(facility: FacilityConfig, handle: SessionHandle, reason: str) 
         "reason": reason,
         "files": counts,
         "failed": failed,
+        "processing": ledger.stage_counts(handle.session_id),
     }
     target = Path(handle.dest_root) / "logs" / "session_summary.json"
     tmp = target.with_name(f".{target.name}.tmp")
