@@ -1,163 +1,90 @@
-"""One session DAG per microscope, generated from config/ (wiring only; logic lives in plugins/).
+"""Per microscope, generated from config/: an ingest DAG and a processing DAG (wiring only).
 
-A run is one batch of a session: open (idempotent) -> wait for finished files (deferred, no worker
-slot) -> copy them to GPFS verified -> either trigger the next batch run of the same session or
-close it. See README "Why continuation runs".
+``session_<id>``: one run per batch of a session, one task: wait for finished files (deferred,
+no worker slot), copy them to GPFS verified, then trigger the next batch run or close. Its asset
+event starts ``process_<id>``, which processes whatever the ledger says is owed and is never
+waited on, so copying goes on at the microscope's pace however long the clusters take.
+``end_session``: an operator ends a session at any moment. See README "Why this design".
 """
 
 from __future__ import annotations
 
 from datetime import datetime, timedelta
 
-from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOperator
-from airflow.sdk import DAG, Param
+from airflow.sdk import DAG, Asset, Param
 
-from cryoflow.config import FacilityConfig, MicroscopeConfig, load_site
-from cryoflow.operators.compute_job import ComputeArrayOperator
-from cryoflow.operators.processing_tasks import plan_step, record_step, session_results
-from cryoflow.operators.session_tasks import (
-    close_session,
-    open_session,
-    plan_continuation,
-    plan_next,
-    transfer_batch,
-)
-from cryoflow.operators.watch_share import WatchShareOperator
-from cryoflow.session import SESSION_NAME_PATTERN, UNIX_NAME_PATTERN, form_defaults
+from cryoflow.config import MicroscopeConfig, load_site
+from cryoflow.operators.end_session import end_session
+from cryoflow.operators.ingest_batch import SessionBatchOperator
+from cryoflow.operators.process_owed import ProcessOwedOperator
+from cryoflow.session import SESSION_NAME_PATTERN, form_params
+
+START = datetime(2026, 1, 1)
 
 
-def session_form(scope: MicroscopeConfig) -> dict[str, Param]:
-    d = form_defaults(scope)
-    return {
-        "session_name": Param(
-            "",
-            type="string",
-            pattern=SESSION_NAME_PATTERN,
-            title="Session name",
-            description="Letters, digits, . _ - (max 64).",
-        ),
-        "source_folder": Param(
-            "",
-            type="string",
-            title="Folder on the share",
-            description="Where EPU/SerialEM writes; empty = the session name.",
-        ),
-        "project": Param("", type="string", title="Project / proposal"),
-        "unix_group": Param(
-            "",
-            type="string",
-            pattern=r"^$|" + UNIX_NAME_PATTERN,
-            title="Unix group of the experiment",
-            description="Owns the data on GPFS; empty = the service's group.",
-        ),
-        "collaborators": Param(
-            [],
-            type="array",
-            items={"type": "string"},
-            title="Collaborators (Unix users, granted ACLs)",
-        ),
-        "sample": Param("", type="string", title="Sample"),
-        "pixel_size_A": Param(
-            d["pixel_size_A"],
-            type="number",
-            exclusiveMinimum=0.1,
-            maximum=20,
-            title="Pixel size (Å)",
-        ),
-        "kv": Param(d["kv"], type="number", minimum=60, maximum=400, title="Voltage (kV)"),
-        "cs_mm": Param(d["cs_mm"], type="number", minimum=0, maximum=10, title="Cs (mm)"),
-        "amp_contrast": Param(
-            d["amp_contrast"], type="number", minimum=0, maximum=0.99, title="Amplitude contrast"
-        ),
-        "dose_per_frame": Param(
-            d["dose_per_frame"],
-            type="number",
-            exclusiveMinimum=0,
-            maximum=50,
-            title="Dose per frame (e/Å²)",
-        ),
-        "frames": Param(d["frames"], type="integer", minimum=1, maximum=2000, title="Frames"),
-        "gain_reference": Param(d["gain_reference"], type="string", title="Gain reference file"),
-        "motioncor": Param(d["motioncor"], type="boolean", title="Motion correction"),
-        "ctf": Param(d["ctf"], type="boolean", title="CTF estimation"),
-        "picking": Param(d["picking"], type="boolean", title="Particle picking"),
-        "particle_diameter_A": Param(
-            d["particle_diameter_A"],
-            type="number",
-            minimum=10,
-            maximum=2000,
-            title="Particle diameter (Å)",
-        ),
-        "idle_timeout_minutes": Param(
-            d["idle_timeout_minutes"],
-            type="number",
-            exclusiveMinimum=0,
-            title="End after idle (minutes)",
-        ),
-        "max_hours": Param(
-            d["max_hours"], type="number", exclusiveMinimum=0, title="Longest session (hours)"
-        ),
-        "end_time": Param("", type="string", title="End time (ISO, optional)"),
-    }
+def verified_asset(scope: MicroscopeConfig) -> Asset:
+    """Updated by every batch of the microscope's sessions; schedules its processing."""
+    return Asset(name=f"{scope.id}_verified", uri=f"cryoflow://{scope.id}/verified")
 
 
-def processing(facility: FacilityConfig, scope_id: str, session, moved) -> None:
-    """MotionCor2 -> (CTFFIND, DoG picker), each one job array per batch, results to the ledger."""
-
-    def step(stage: str, software: str, task_id: str, inputs):
-        plan = plan_step.override(task_id=f"plan_{stage}")(stage, scope_id, session, inputs)
-        job = ComputeArrayOperator(
-            task_id=task_id,
-            backend=facility.compute[facility.software[software].backend],
-            step=stage,
-            tasks=plan["tasks"],
-            stdin=plan["stdin"],
-            retries=1,
-        )
-        plan >> job
-        return record_step.override(task_id=f"record_{stage}")(stage, plan, job.output)
-
-    aligned = step("motioncor", "motioncor2", "motioncor", moved)
-    ctf = step("ctf", "ctffind", "ctffind", aligned)
-    picks = step("picking", "dogpicker", "dogpicker", aligned)
-    [ctf, picks] >> session_results(session)
-
-
-def build(scope: MicroscopeConfig, facility: FacilityConfig) -> DAG:
+def ingest_dag(scope: MicroscopeConfig) -> DAG:
     with DAG(
         dag_id=f"session_{scope.id}",
-        description=f"{scope.name}: share -> GPFS -> pre-processing",
+        description=f"{scope.name}: share -> GPFS, verified (one run per batch)",
         doc_md=scope.description or None,
         schedule=None,
-        start_date=datetime(2026, 1, 1),
+        start_date=START,
         catchup=False,
         is_paused_upon_creation=True,
-        max_active_runs=3,  # batch n+1 is copied while batch n is still being processed
-        params=session_form(scope),
+        max_active_runs=1,  # one watch per microscope share at a time
+        params={name: Param(**spec) for name, spec in form_params(scope).items()},
         tags=["microscope", scope.id, *scope.tags],
-        default_args={"retries": 2, "retry_delay": timedelta(seconds=30)},
+        default_args={"retries": 3, "retry_delay": timedelta(seconds=30)},
     ) as dag:
-        session = open_session(scope.id)
-        wait = WatchShareOperator(
-            task_id="wait_for_files", microscope_id=scope.id, session=session, retries=0
+        SessionBatchOperator(
+            task_id="watch_and_copy", microscope_id=scope.id, outlets=[verified_asset(scope)]
         )
-        moved = transfer_batch(scope.id, session, wait.output)
-        decide = plan_next(wait.output)
-        moved >> decide
-        cont = plan_continuation()
-        next_batch = TriggerDagRunOperator(
-            task_id="next_batch",
-            trigger_dag_id=dag.dag_id,
-            trigger_run_id=cont["run_id"],
-            conf=cont["conf"],
-            skip_when_already_exists=True,
-        )
-        decide >> cont >> next_batch
-        decide >> close_session(session, wait.output, scope.id)
-        processing(facility, scope.id, session, moved)
+    return dag
+
+
+def processing_dag(scope: MicroscopeConfig) -> DAG:
+    with DAG(
+        dag_id=f"process_{scope.id}",
+        description=f"{scope.name}: MotionCor2 -> CTFFIND, picking for every owed movie",
+        schedule=[verified_asset(scope)],
+        start_date=START,
+        catchup=False,
+        is_paused_upon_creation=False,  # runs only when ingest copied something
+        max_active_runs=2,  # a new batch starts while the last one's jobs finish
+        tags=["processing", scope.id],
+        default_args={"retries": 2, "retry_delay": timedelta(seconds=20)},
+    ) as dag:
+        ProcessOwedOperator(task_id="process", microscope_id=scope.id)
+    return dag
+
+
+def end_session_dag(scopes: list[str]) -> DAG:
+    with DAG(
+        dag_id="end_session",
+        description="End a running session now: stop watching, copy what is complete, close",
+        schedule=None,
+        start_date=START,
+        catchup=False,
+        is_paused_upon_creation=False,
+        params={
+            "microscope": Param(scopes[0] if scopes else "", enum=scopes, title="Microscope"),
+            "session_name": Param(
+                "", type="string", pattern=SESSION_NAME_PATTERN, title="Session name"
+            ),
+        },
+        tags=["operator"],
+    ) as dag:
+        end_session()
     return dag
 
 
 _site = load_site()
 for _scope in _site.microscopes.values():
-    globals()[f"session_{_scope.id}"] = build(_scope, _site.facility)
+    globals()[f"session_{_scope.id}"] = ingest_dag(_scope)
+    globals()[f"process_{_scope.id}"] = processing_dag(_scope)
+end_session_dag_ = end_session_dag(sorted(_site.microscopes))

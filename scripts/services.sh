@@ -19,6 +19,9 @@ set -euo pipefail
 STATE_DIR="${CRYOFLOW_SERVICES_DIR:-/var/lib/cryoflow-services}"
 SSH_PORT="${CRYOFLOW_SSH_PORT:-2222}"
 SSH_USER="cryo"
+# The experiment group the tests' sessions use; the cluster account belongs to it, as the
+# facility's service account belongs to every experiment group it writes for.
+EXPERIMENT_GROUP="${CRYOFLOW_EXPERIMENT_GROUP:-cryoflow-exp}"
 CONN_ID="${CRYOFLOW_SSH_CONN_ID:-cryoflow_slurm_ssh}"
 NODE_NAME="cryonode"
 CLUSTER_NAME="cryoflow"
@@ -287,6 +290,28 @@ slurm_down() {
     stop_pidfile /run/slurm/slurmdbd.pid slurmdbd
 }
 
+# --- accounts (before any daemon: slurmd and slurmctld cache a user's groups) ----------------
+
+accounts_up() {
+    local changed=0
+    if ! getent group "$EXPERIMENT_GROUP" >/dev/null; then
+        groupadd "$EXPERIMENT_GROUP"; changed=1
+    fi
+    if ! id "$SSH_USER" >/dev/null 2>&1; then
+        # '*' (not the default '!'): a locked account is refused even for key logins.
+        useradd --create-home --shell /bin/bash -p '*' "$SSH_USER"; changed=1
+    fi
+    if ! id -nG "$SSH_USER" | tr ' ' '\n' | grep -qxF "$EXPERIMENT_GROUP"; then
+        usermod -aG "$EXPERIMENT_GROUP" "$SSH_USER"; changed=1
+    fi
+    if (( changed )) && { port_open 6818 || slurmctld_ok; }; then
+        # Daemons started before this membership would run jobs without it: restart them.
+        log "accounts changed while Slurm runs: restarting slurmd and slurmctld"
+        stop_pidfile /run/slurm/slurmd.pid slurmd
+        stop_pidfile /run/slurm/slurmctld.pid slurmctld
+    fi
+}
+
 # --- sshd + test user --------------------------------------------------------------------------
 
 ssh_login_ok() {
@@ -298,10 +323,6 @@ ssh_login_ok() {
 sshd_up() {
     install -d -m 0755 /run/sshd
     [[ -s /etc/ssh/ssh_host_ed25519_key ]] || ssh-keygen -A >/dev/null
-    if ! id "$SSH_USER" >/dev/null 2>&1; then
-        # '*' (not the default '!'): a locked account is refused even for key logins.
-        useradd --create-home --shell /bin/bash -p '*' "$SSH_USER"
-    fi
     local home; home=$(getent passwd "$SSH_USER" | cut -d: -f6)
     [[ -s $STATE_DIR/id_ed25519 ]] || ssh-keygen -q -t ed25519 -N '' -C "$SSH_USER@cryoflow-services" -f "$STATE_DIR/id_ed25519"
     install -d -o "$SSH_USER" -g "$SSH_USER" -m 0700 "$home/.ssh"
@@ -369,6 +390,7 @@ cmd_up() {
     [[ $EUID -eq 0 ]] || die "run as root (starts system daemons)"
     install -d -m 0700 "$STATE_DIR"
     ensure_packages
+    accounts_up
     mariadb_up
     munge_up
     slurm_up

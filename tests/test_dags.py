@@ -18,19 +18,31 @@ def _bag():
     return DagBag(dag_folder=str(ROOT / "dags"))
 
 
-def test_every_microscope_yields_a_paused_session_dag(airflow_db) -> None:
+def test_every_microscope_yields_an_ingest_and_a_processing_dag(airflow_db) -> None:
     bag = _bag()
     assert bag.import_errors == {}
     scopes = sorted(p.stem for p in (ROOT / "config" / "microscopes").glob("*.yaml"))
-    assert sorted(bag.dag_ids) == [f"session_{s}" for s in scopes]
+    expected = ["end_session"] + [f"{kind}_{s}" for kind in ("process", "session") for s in scopes]
+    assert sorted(bag.dag_ids) == sorted(expected)
     dag = bag.get_dag("session_krios2")
     assert dag.is_paused_upon_creation is True
-    assert dag.max_active_runs == 3  # batch n+1 copies while batch n is processed
+    # a batch run is one task instance, and one watch per share at a time
+    assert dag.task_ids == ["watch_and_copy"] and dag.max_active_runs == 1
     # the trigger form is the session; its defaults come from the microscope's YAML
     assert dag.params["pixel_size_A"] == 0.832
     assert dag.params["frames"] == 50
     assert dag.params.get_param("session_name").schema["pattern"].startswith("^[A-Za-z0-9]")
-    assert {"wait_for_files", "transfer_batch", "next_batch", "close_session"} <= set(dag.task_ids)
+    # optional text fields may stay empty in the form (a typed Param is otherwise required)
+    assert dag.params.get_param("unix_group").schema["type"] == ["null", "string"]
+    assert dag.params["unix_group"] is None
+    # the form's bounds are the model's
+    assert dag.params.get_param("kv").schema["maximum"] == 400
+    # processing is started by ingest's asset event, never waited on, and runs unpaused
+    proc = bag.get_dag("process_krios2")
+    assert proc.task_ids == ["process"] and proc.is_paused_upon_creation is False
+    (outlet,) = dag.get_task("watch_and_copy").outlets
+    assert outlet.uri == "cryoflow://krios2/verified"
+    assert [a.uri for a in proc.timetable.asset_condition.objects] == [outlet.uri]
 
 
 def test_bad_microscope_file_is_an_import_error_naming_file_and_key(

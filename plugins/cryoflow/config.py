@@ -82,6 +82,18 @@ class TransferConfig(_Model):
     )
 
 
+class ProcessingConfig(_Model):
+    batch_max_movies: int = Field(
+        200, ge=1, le=5000, description="Most movies one processing run takes per step."
+    )
+    max_attempts: int = Field(
+        3, ge=1, le=20, description="Tries per movie and step before it waits for a person."
+    )
+    claim_grace_seconds: float = Field(
+        600.0, gt=0, description="A claim with no job after this long was left by a dead run."
+    )
+
+
 class SoftwareStep(_Model):
     binary: str = Field(description="Executable on the compute nodes (or a built-in engine).")
     backend: str = Field(description="Name of a compute backend in 'compute'.")
@@ -94,6 +106,7 @@ class FacilityConfig(_Model):
     storage: StorageConfig
     permissions: PermissionsConfig = PermissionsConfig()
     transfer: TransferConfig = TransferConfig()
+    processing: ProcessingConfig = ProcessingConfig()
     compute: dict[str, ComputeBackend] = Field(default_factory=dict)
     software: dict[Literal["motioncor2", "ctffind", "dogpicker"], SoftwareStep] = Field(
         default_factory=dict

@@ -1,9 +1,12 @@
 """The session ledger: one row per session, per file and per processing stage.
 
-It is the record of what happened and of what is still owed after any crash: a file is "verified"
-only after its copy was checksummed at the destination, so a restarted task re-reads the ledger and
-never copies a verified file twice. SQLite by default (WAL, so the triggerer can read while a
-worker writes), PostgreSQL in deployment; the same code for both.
+It is the one record of what happened and of what is still owed after any crash, retry or kill:
+a file is "verified" only after its copy was checksummed at the destination, and a verified movie
+gets a ``pending`` stage row for each processing step it owes. Processing runs claim owed rows,
+record the job that took them, and settle them from the outputs; nothing that recovery needs
+lives in a run's XCom. Queries are keyed by indexes so per-batch work does not grow with the
+session. SQLite by default (WAL, so the triggerer can read while a worker writes), PostgreSQL in
+deployment; the same code for both.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from sqlalchemy import (
     Enum,
     Float,
     ForeignKey,
+    Index,
     Integer,
     String,
     Text,
@@ -28,7 +32,9 @@ from sqlalchemy import (
     create_engine,
     event,
     func,
+    or_,
     select,
+    update,
 )
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
@@ -53,7 +59,8 @@ class FileState(enum.StrEnum):
 
 
 class StageState(enum.StrEnum):
-    SUBMITTED = "submitted"
+    PENDING = "pending"  # owed: no run has it
+    SUBMITTED = "submitted"  # claimed by a processing run (job_id once its job is submitted)
     DONE = "done"
     FAILED = "failed"
 
@@ -72,11 +79,21 @@ class SessionRow(Base):
     close_reason: Mapped[str | None] = mapped_column(Text)
     opened_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     closed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # An operator asked to end the session (the end_session DAG); the watch and the copy obey.
+    end_requested: Mapped[str | None] = mapped_column(Text)
+    # Stability of files still settling, carried from one batch run's watch to the next.
+    watch_state: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    summary_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # The summary was written after the session closed and owed nothing more.
+    summary_final: Mapped[bool] = mapped_column(default=False)
 
 
 class FileRow(Base):
     __tablename__ = "cryoflow_files"
-    __table_args__ = (UniqueConstraint("session_id", "relpath"),)
+    __table_args__ = (
+        UniqueConstraint("session_id", "relpath"),
+        Index("ix_cryoflow_files_session_kind", "session_id", "kind", "state"),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     session_id: Mapped[int] = mapped_column(ForeignKey("cryoflow_sessions.id"), index=True)
@@ -100,16 +117,24 @@ class FileRow(Base):
 
 class StageRow(Base):
     __tablename__ = "cryoflow_stages"
-    __table_args__ = (UniqueConstraint("file_id", "stage"),)
+    __table_args__ = (
+        UniqueConstraint("file_id", "stage"),
+        Index("ix_cryoflow_stages_owed", "microscope", "stage", "state"),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     file_id: Mapped[int] = mapped_column(ForeignKey("cryoflow_files.id"), index=True)
+    session_id: Mapped[int] = mapped_column(ForeignKey("cryoflow_sessions.id"), index=True)
+    microscope: Mapped[str] = mapped_column(String(64))
     stage: Mapped[str] = mapped_column(String(32))
     state: Mapped[StageState] = mapped_column(
         Enum(StageState, native_enum=False, length=16, values_callable=_values)
     )
     job_id: Mapped[str | None] = mapped_column(String(64))
+    job_dir: Mapped[str | None] = mapped_column(Text)
     array_index: Mapped[int | None] = mapped_column(Integer)
+    claimed_by: Mapped[str | None] = mapped_column(String(300))
+    claimed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     results: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     error: Mapped[str | None] = mapped_column(Text)
@@ -181,9 +206,65 @@ class Ledger:
                 )
                 s.add(row)
                 s.flush()
-            elif row.state == "closed":
-                row.state, row.close_reason, row.closed_at = "open", None, None  # reopened
+            else:
+                row.params = params  # the latest form values serve processing
+                if row.state == "closed":  # reopened by a new trigger of the same session
+                    row.state, row.close_reason, row.closed_at = "open", None, None
+                    row.end_requested, row.summary_at, row.summary_final = None, None, False
             return row.id
+
+    def find_session(self, microscope: str, name: str) -> SessionRow | None:
+        with self._tx() as s:
+            return s.scalar(
+                select(SessionRow).where(
+                    SessionRow.microscope == microscope, SessionRow.name == name
+                )
+            )
+
+    def request_end(self, session_id: int, reason: str) -> bool:
+        """Ask an open session to end; its watch and copy stop at their next step."""
+        with self._tx() as s:
+            row = s.get(SessionRow, session_id)
+            if row is None or row.state == "closed":
+                return False
+            row.end_requested = reason
+            return True
+
+    def end_requested(self, session_id: int) -> str | None:
+        with self._tx() as s:
+            return s.scalar(select(SessionRow.end_requested).where(SessionRow.id == session_id))
+
+    def save_watch_state(self, session_id: int, state: dict[str, Any]) -> None:
+        with self._tx() as s:
+            s.execute(
+                update(SessionRow).where(SessionRow.id == session_id).values(watch_state=state)
+            )
+
+    def watch_state(self, session_id: int) -> dict[str, Any]:
+        with self._tx() as s:
+            state = s.scalar(select(SessionRow.watch_state).where(SessionRow.id == session_id))
+            return state or {}
+
+    def mark_summary_written(self, session_id: int, *, final: bool) -> None:
+        with self._tx() as s:
+            s.execute(
+                update(SessionRow)
+                .where(SessionRow.id == session_id)
+                .values(summary_at=utcnow(), summary_final=final)
+            )
+
+    def sessions_to_summarize(self, microscope: str) -> list[SessionRow]:
+        """Closed sessions whose summary was written while processing still owed work."""
+        with self._tx() as s:
+            return list(
+                s.scalars(
+                    select(SessionRow).where(
+                        SessionRow.microscope == microscope,
+                        SessionRow.state == "closed",
+                        SessionRow.summary_final.is_(False),
+                    )
+                )
+            )
 
     def get_session(self, session_id: int) -> SessionRow:
         with self._tx() as s:
@@ -262,12 +343,43 @@ class Ledger:
             return row.id, False
 
     def mark_verified(
-        self, file_id: int, *, checksum: str, dest_path: str, copy_seconds: float
+        self,
+        file_id: int,
+        *,
+        checksum: str,
+        dest_path: str,
+        copy_seconds: float,
+        owe: Iterable[str] = (),
     ) -> None:
+        """The copy is checksummed at its destination; in the same transaction the movie
+        starts to owe the processing steps in ``owe`` (so no crash can lose them)."""
         with self._tx() as s:
             row = s.get(FileRow, file_id)
             row.state, row.checksum, row.dest_path = FileState.VERIFIED, checksum, dest_path
             row.verified_at, row.copy_seconds, row.error = utcnow(), copy_seconds, None
+            self._owe(s, row, owe)
+
+    @staticmethod
+    def _owe(s: Session, file: FileRow, stages: Iterable[str]) -> None:
+        microscope = s.scalar(select(SessionRow.microscope).where(SessionRow.id == file.session_id))
+        for stage in stages:
+            row = s.scalar(
+                select(StageRow).where(StageRow.file_id == file.id, StageRow.stage == stage)
+            )
+            if row is None:
+                s.add(
+                    StageRow(
+                        file_id=file.id,
+                        session_id=file.session_id,
+                        microscope=microscope,
+                        stage=stage,
+                        state=StageState.PENDING,
+                        attempts=0,
+                        results={},
+                    )
+                )
+            elif row.state != StageState.DONE:
+                row.state, row.claimed_by, row.job_id = StageState.PENDING, None, None
 
     def mark_failed(self, file_id: int, error: str) -> None:
         with self._tx() as s:
@@ -302,27 +414,162 @@ class Ledger:
         array_index: int | None = None,
         results: dict[str, Any] | None = None,
         error: str | None = None,
+        then_owe: Iterable[str] = (),
     ) -> None:
+        """Settle one movie's stage; on DONE the movie starts to owe ``then_owe`` (same
+        transaction: a crash between the two cannot lose the downstream steps)."""
         with self._tx() as s:
+            file = s.get(FileRow, file_id)
             row = s.scalar(
                 select(StageRow).where(StageRow.file_id == file_id, StageRow.stage == stage)
             )
             if row is None:
-                row = StageRow(file_id=file_id, stage=stage, attempts=0)
+                microscope = s.scalar(
+                    select(SessionRow.microscope).where(SessionRow.id == file.session_id)
+                )
+                row = StageRow(
+                    file_id=file_id,
+                    session_id=file.session_id,
+                    microscope=microscope,
+                    stage=stage,
+                    attempts=0,
+                )
                 s.add(row)
             if state == StageState.SUBMITTED:
                 row.attempts = (row.attempts or 0) + 1
-            row.state, row.job_id, row.array_index = state, job_id or row.job_id, array_index
+            row.state, row.job_id = state, job_id or row.job_id
+            row.array_index = array_index if array_index is not None else row.array_index
             row.results = results if results is not None else (row.results or {})
             row.error = error
+            if state in (StageState.DONE, StageState.FAILED):
+                row.claimed_by = None
+            if state == StageState.DONE:
+                self._owe(s, file, then_owe)
+
+    def claim(
+        self,
+        microscope: str,
+        stage: str,
+        claimer: str,
+        *,
+        limit: int,
+        max_attempts: int,
+        after: str | None = None,
+    ) -> list[tuple[StageRow, FileRow]]:
+        """Take up to ``limit`` owed rows of ``stage`` (pending, or failed with attempts left)
+        for ``claimer``; ``after`` requires that stage DONE first. One conditional UPDATE, so two
+        runs never take the same movie (PostgreSQL re-checks the state under the row lock;
+        SQLite serialises writers)."""
+        owed = or_(
+            StageRow.state == StageState.PENDING,
+            (StageRow.state == StageState.FAILED) & (StageRow.attempts < max_attempts),
+        )
+        candidates = (
+            select(StageRow.id)
+            .where(StageRow.microscope == microscope, StageRow.stage == stage, owed)
+            .order_by(StageRow.id)
+            .limit(limit)
+        )
+        if after is not None:
+            upstream = select(StageRow.file_id).where(
+                StageRow.stage == after, StageRow.state == StageState.DONE
+            )
+            candidates = candidates.where(StageRow.file_id.in_(upstream.scalar_subquery()))
+        with self._tx() as s:
+            ids = list(s.scalars(candidates))
+            if not ids:
+                return []
+            s.execute(
+                update(StageRow)
+                .where(StageRow.id.in_(ids), owed)
+                .values(
+                    state=StageState.SUBMITTED,
+                    claimed_by=claimer,
+                    claimed_at=utcnow(),
+                    job_id=None,
+                    job_dir=None,
+                    array_index=None,
+                    attempts=StageRow.attempts + 1,
+                )
+                .execution_options(synchronize_session=False)
+            )
+            rows = s.execute(
+                select(StageRow, FileRow)
+                .join(FileRow, FileRow.id == StageRow.file_id)
+                .where(StageRow.id.in_(ids), StageRow.claimed_by == claimer)
+                .order_by(StageRow.id)
+            )
+            return [(st, f) for st, f in rows]
+
+    def set_job(self, stage_ids: list[int], job_id: str, job_dir: str) -> None:
+        """Record the job that took the claimed rows, index i = stage_ids[i] (durably, before
+        the run defers: a killed run's movies are settled from this job's fate)."""
+        with self._tx() as s:
+            for index, stage_id in enumerate(stage_ids):
+                s.execute(
+                    update(StageRow)
+                    .where(StageRow.id == stage_id)
+                    .values(job_id=job_id, job_dir=job_dir, array_index=index)
+                )
+
+    def claimed(
+        self,
+        microscope: str,
+        stage: str | None = None,
+        *,
+        claimer: str | None = None,
+        job_id: str | None = None,
+    ) -> list[tuple[StageRow, FileRow]]:
+        """Claimed rows not settled yet (their job may still run, or their run died), in
+        array order; narrowed to one stage, one claimer or one job."""
+        query = (
+            select(StageRow, FileRow)
+            .join(FileRow, FileRow.id == StageRow.file_id)
+            .where(StageRow.microscope == microscope, StageRow.state == StageState.SUBMITTED)
+        )
+        if stage is not None:
+            query = query.where(StageRow.stage == stage)
+        if claimer is not None:
+            query = query.where(StageRow.claimed_by == claimer)
+        if job_id is not None:
+            query = query.where(StageRow.job_id == job_id)
+        with self._tx() as s:
+            rows = s.execute(query.order_by(StageRow.job_id, StageRow.array_index, StageRow.id))
+            return [(st, f) for st, f in rows]
+
+    def release_stage(self, stage_id: int, note: str) -> None:
+        """A claim whose job never ran: owed again, and the attempt does not count."""
+        with self._tx() as s:
+            row = s.get(StageRow, stage_id)
+            if row is not None and row.state == StageState.SUBMITTED:
+                row.state, row.claimed_by, row.error = StageState.PENDING, None, note[:2000]
+                row.attempts = max(0, (row.attempts or 1) - 1)
+
+    def owed_count(self, session_id: int, max_attempts: int) -> int:
+        """Stage rows of the session still to be done (pending, claimed, failed with tries left)."""
+        with self._tx() as s:
+            return int(
+                s.scalar(
+                    select(func.count())
+                    .select_from(StageRow)
+                    .where(
+                        StageRow.session_id == session_id,
+                        or_(
+                            StageRow.state.in_((StageState.PENDING, StageState.SUBMITTED)),
+                            (StageRow.state == StageState.FAILED)
+                            & (StageRow.attempts < max_attempts),
+                        ),
+                    )
+                )
+                or 0
+            )
 
     def stage_counts(self, session_id: int) -> dict[str, dict[str, int]]:
         """{stage: {state: movies}} for a session: what processing achieved so far."""
         with self._tx() as s:
             rows = s.execute(
                 select(StageRow.stage, StageRow.state, func.count())
-                .join(FileRow, FileRow.id == StageRow.file_id)
-                .where(FileRow.session_id == session_id)
+                .where(StageRow.session_id == session_id)
                 .group_by(StageRow.stage, StageRow.state)
             )
             counts: dict[str, dict[str, int]] = {}
@@ -333,3 +580,39 @@ class Ledger:
     def stages(self, file_ids: Iterable[int]) -> list[StageRow]:
         with self._tx() as s:
             return list(s.scalars(select(StageRow).where(StageRow.file_id.in_(list(file_ids)))))
+
+    def ctf_table(self, session_id: int) -> list[tuple[int, dict[str, Any], dict[str, Any]]]:
+        """(file id, motioncor results, CTF results) of every movie with both done: one query,
+        no id lists, for the session's micrographs_ctf.star."""
+        mc = StageRow.__table__.alias("mc")
+        ctf = StageRow.__table__.alias("ctf")
+        with self._tx() as s:
+            rows = s.execute(
+                select(mc.c.file_id, mc.c.results, ctf.c.results)
+                .join(ctf, ctf.c.file_id == mc.c.file_id)
+                .where(
+                    mc.c.session_id == session_id,
+                    mc.c.stage == "motioncor",
+                    mc.c.state == StageState.DONE,
+                    ctf.c.stage == "ctf",
+                    ctf.c.state == StageState.DONE,
+                )
+                .order_by(mc.c.file_id)
+            )
+            return [(fid, a or {}, b or {}) for fid, a, b in rows]
+
+    def latest_file(self, session_id: int, kind: str) -> list[FileRow]:
+        """Verified files of one kind, newest first (index on session, kind, state)."""
+        with self._tx() as s:
+            return list(
+                s.scalars(
+                    select(FileRow)
+                    .where(
+                        FileRow.session_id == session_id,
+                        FileRow.kind == kind,
+                        FileRow.state == FileState.VERIFIED,
+                    )
+                    .order_by(FileRow.id.desc())
+                    .limit(1000)
+                )
+            )

@@ -23,16 +23,15 @@ import starfile
 import tifffile
 
 from cryoflow.config import FacilityConfig
-from cryoflow.ledger import FileState, Ledger, StageState
+from cryoflow.ledger import Ledger, StageState
 from cryoflow.session import SessionHandle, SessionParams
 from cryoflow.share.layout import FileKind, Layout, metadata_for_movie
 from cryoflow.share.metadata import MetadataError, read_movie_metadata
+from cryoflow.steps import downstream
 from cryoflow.tools import ctffind as ctffind_tool
 from cryoflow.tools import dogpicker as dogpicker_tool
 from cryoflow.tools import motioncor2 as motioncor_tool
 from cryoflow.transfer import make_dirs
-
-STAGES = ("motioncor", "ctf", "picking")
 
 
 @dataclass(frozen=True)
@@ -141,12 +140,9 @@ def gain_reference(
     """
     gains = [
         f
-        for f in ledger.files(handle.session_id, FileState.VERIFIED)
-        if f.kind == str(FileKind.GAIN_REFERENCE)
-        and (
-            not params.gain_reference
-            or fnmatch.fnmatch(PurePosixPath(f.relpath).name, params.gain_reference)
-        )
+        for f in ledger.latest_file(handle.session_id, str(FileKind.GAIN_REFERENCE))
+        if not params.gain_reference
+        or fnmatch.fnmatch(PurePosixPath(f.relpath).name, params.gain_reference)
     ]
     if not gains:
         return None
@@ -288,9 +284,11 @@ def record_step(
     movies: list[MoviePaths],
     states: dict[str, dict[str, Any]],
     job: dict | None,
-    params: SessionParams,
+    params: list[SessionParams],
 ) -> tuple[list[MoviePaths], list[str]]:
-    """Parse each movie's outputs into the ledger; returns (movies that succeeded, problems)."""
+    """Parse each movie's outputs into the ledger (``params[i]`` is movie i's session form);
+    a movie done with a step starts to owe the next ones in the same transaction.
+    Returns (movies that succeeded, problems)."""
     ok: list[MoviePaths] = []
     problems: list[str] = []
     for i, m in enumerate(movies):
@@ -300,7 +298,7 @@ def record_step(
             problems.append(_failed(ledger, m, stage, job, i, why))
             continue
         try:
-            results = _parse(stage, m, params)
+            results = _parse(stage, m, params[i])
         except (ValueError, OSError) as exc:
             problems.append(_failed(ledger, m, stage, job, i, f"unreadable output: {exc}"))
             continue
@@ -311,9 +309,19 @@ def record_step(
             job_id=(job or {}).get("job_id"),
             array_index=i,
             results=results,
+            then_owe=downstream(stage, params[i]),
         )
         ok.append(m)
     return ok, problems
+
+
+def outputs_done(stage: str, m: MoviePaths, params: SessionParams) -> dict[str, Any] | None:
+    """The step's results when its outputs are already there and parse (else None): a movie
+    whose job finished after its run died is recorded, not processed twice."""
+    try:
+        return _parse(stage, m, params)
+    except (ValueError, OSError):
+        return None
 
 
 def _parse(stage: str, m: MoviePaths, params: SessionParams) -> dict[str, Any]:
@@ -357,19 +365,9 @@ def write_micrographs_ctf_star(
     ledger: Ledger, handle: SessionHandle, params: SessionParams, file_mode: int
 ) -> Path | None:
     """``processed/micrographs_ctf.star`` for RELION 3.1+/CryoSPARC import, written atomically."""
-    files = {f.id: f for f in ledger.files(handle.session_id, FileState.VERIFIED)}
     rows = []
-    stages = ledger.stages(files)
-    by_file: dict[int, dict[str, Any]] = {}
-    for s in stages:
-        if s.state == StageState.DONE:
-            by_file.setdefault(s.file_id, {})[s.stage] = s.results
     root = Path(handle.dest_root)
-    for file_id in sorted(by_file):
-        r = by_file[file_id]
-        if "motioncor" not in r or "ctf" not in r:
-            continue
-        mc, ctf = r["motioncor"], r["ctf"]
+    for _file_id, mc, ctf in ledger.ctf_table(handle.session_id):
         rows.append(
             {
                 "rlnMicrographName": os.path.relpath(mc["aligned"], root),

@@ -23,6 +23,7 @@ from cryoflow.ledger import FileState, Ledger
 from cryoflow.session_tree import SessionPaths, create_session_tree, resolve_gid
 from cryoflow.share.layout import classify
 from cryoflow.share.scan import UnsafePathError, resolve_in, safe_relpath
+from cryoflow.steps import Switches, first_steps
 from cryoflow.transfer import SourceChangedError, TransferError, copy_verified
 
 log = logging.getLogger(__name__)
@@ -31,35 +32,62 @@ SESSION_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 UNIX_NAME_PATTERN = r"^[a-z_][a-z0-9_.-]{0,31}$"
 
 
+class SessionClosedError(RuntimeError):
+    """A continuation batch found its session closed (an operator ended it meanwhile)."""
+
+
 class SessionParamsError(ValueError):
     """The session form holds an invalid value; the message names the field."""
 
 
+def _optional(title: str, description: str = "", **kw: Any) -> Any:
+    """An optional text field: null in the form (a typed Param is otherwise required there)."""
+    return Field(None, title=title, description=description, **kw)
+
+
 class SessionParams(BaseModel):
-    """The fields of the trigger form; defaults come from the microscope's YAML."""
+    """The fields of the trigger form: the one definition of their types and bounds (the DAG's
+    form is generated from it, see :func:`form_params`); defaults come from the microscope's
+    YAML."""
 
     model_config = ConfigDict(extra="ignore", frozen=True)
 
-    session_name: str = Field(pattern=SESSION_NAME_PATTERN)
-    source_folder: str = Field("", description="Folder on the share; empty = session_name.")
-    project: str = ""
-    unix_group: str = Field("", pattern=r"^$|" + UNIX_NAME_PATTERN)
-    collaborators: list[str] = Field(default_factory=list)
-    sample: str = ""
-    pixel_size_A: float = Field(gt=0.1, lt=20)
-    kv: float = Field(ge=60, le=400)
-    cs_mm: float = Field(ge=0, le=10)
-    amp_contrast: float = Field(0.07, ge=0, lt=1)
-    dose_per_frame: float = Field(gt=0, lt=50)
-    frames: int = Field(ge=1, le=2000)
-    gain_reference: str = ""
-    motioncor: bool = True
-    ctf: bool = True
-    picking: bool = True
-    particle_diameter_A: float = Field(150.0, gt=10, lt=2000)
-    idle_timeout_minutes: float = Field(gt=0)
-    max_hours: float = Field(gt=0)
-    end_time: str = Field("", description="ISO time at which the session ends; empty = none.")
+    session_name: str = Field(
+        pattern=SESSION_NAME_PATTERN,
+        title="Session name",
+        description="Letters, digits, . _ - (max 64).",
+    )
+    source_folder: str | None = _optional(
+        "Folder on the share", "Where EPU/SerialEM writes; empty = the session name."
+    )
+    project: str | None = _optional("Project / proposal")
+    unix_group: str | None = _optional(
+        "Unix group of the experiment",
+        "Owns the data on GPFS; empty = the service's group.",
+        pattern=UNIX_NAME_PATTERN,
+    )
+    collaborators: list[str] = Field(
+        default_factory=list, title="Collaborators", description="Unix users, granted ACLs."
+    )
+    sample: str | None = _optional("Sample")
+    pixel_size_A: float = Field(gt=0.1, lt=20, title="Pixel size (Å)")
+    kv: float = Field(ge=60, le=400, title="Voltage (kV)")
+    cs_mm: float = Field(ge=0, le=10, title="Cs (mm)")
+    amp_contrast: float = Field(0.07, ge=0, lt=1, title="Amplitude contrast")
+    dose_per_frame: float = Field(gt=0, lt=50, title="Dose per frame (e/Å²)")
+    frames: int = Field(ge=1, le=2000, title="Frames", description="Frames or EER fractions.")
+    gain_reference: str | None = _optional(
+        "Gain reference file", "File name or glob within the session folder."
+    )
+    motioncor: bool = Field(True, title="Motion correction")
+    ctf: bool = Field(True, title="CTF estimation")
+    picking: bool = Field(True, title="Particle picking")
+    particle_diameter_A: float = Field(150.0, gt=10, lt=2000, title="Particle diameter (Å)")
+    idle_timeout_minutes: float = Field(gt=0, title="End after idle (minutes)")
+    max_hours: float = Field(gt=0, title="Longest session (hours)")
+    end_time: str | None = _optional(
+        "End time", "ISO date-time at which the session ends; empty = none."
+    )
 
     @classmethod
     def from_form(cls, values: dict[str, Any]) -> SessionParams:
@@ -112,6 +140,39 @@ def form_defaults(scope: MicroscopeConfig) -> dict[str, Any]:
     }
 
 
+_SCHEMA_KEYS = (
+    "type", "items", "pattern", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum",
+    "minLength", "maxLength", "title", "description",
+)  # fmt: skip
+
+
+def form_params(scope: MicroscopeConfig) -> dict[str, dict[str, Any]]:
+    """The trigger form, field by field (``Param(**spec)``), generated from
+    :class:`SessionParams` so the form and the validation can never disagree."""
+    defaults = form_defaults(scope)
+    form: dict[str, dict[str, Any]] = {}
+    for name, prop in SessionParams.model_json_schema()["properties"].items():
+        field = SessionParams.model_fields[name]
+        spec: dict[str, Any] = {}
+        if "anyOf" in prop:  # optional: JSON-schema null plus the real type's constraints
+            members = [m for m in prop["anyOf"] if m.get("type") != "null"]
+            spec["type"] = ["null", *(m["type"] for m in members)]
+            for member in members:
+                spec.update({k: v for k, v in member.items() if k != "type"})
+        spec.update({k: v for k, v in prop.items() if k in _SCHEMA_KEYS and k != "type"})
+        spec.setdefault("type", prop.get("type"))
+        if name in defaults:
+            default = defaults[name]
+        elif field.is_required():
+            default = ""
+        else:
+            default = field.get_default(call_default_factory=True)
+        if default == "" and isinstance(spec["type"], list):
+            default = None
+        form[name] = {"default": default, **{k: v for k, v in spec.items() if v not in (None, "")}}
+    return form
+
+
 @dataclass(frozen=True)
 class SessionHandle:
     """What every task of a run needs to know about its session (passed via XCom)."""
@@ -135,10 +196,17 @@ def open_session(
     params: SessionParams,
     *,
     now: datetime | None = None,
+    reopen: bool = True,
 ) -> tuple[SessionHandle, list[str]]:
-    """Create (or find) the session's tree and ledger row; idempotent across runs."""
+    """Create (or find) the session's tree and ledger row; idempotent across runs. A closed
+    session is reopened only by a new trigger (``reopen``), never by a continuation batch."""
     now = now or datetime.now(UTC)
     ledger = Ledger(facility.storage.ledger_url)
+    existing = ledger.find_session(scope.id, params.session_name)
+    if existing is not None and existing.state == "closed" and not reopen:
+        raise SessionClosedError(
+            f"session {params.session_name} was closed ({existing.close_reason})"
+        )
     source_root = resolve_in(scope.share.path, params.folder)
     paths = SessionPaths.for_session(facility.storage.gpfs_root, now.year, params.session_name)
     session_id = ledger.open_session(
@@ -188,8 +256,13 @@ def transfer_batch(
     handle: SessionHandle,
     files: list[dict[str, Any]],
     batch: str,
+    switches: Switches,
 ) -> BatchReport:
-    """Copy a batch to ``<session>/raw``, each file verified; one bad file never stops the rest."""
+    """Copy a batch to ``<session>/raw``, each file verified; one bad file never stops the rest.
+
+    A verified movie owes its processing steps from the moment it is verified (same ledger
+    transaction), whatever happens to this run afterwards.
+    """
     ledger = Ledger(facility.storage.ledger_url)
     source_root, raw = Path(handle.source_root), Path(handle.dest_root) / "raw"
     report = BatchReport(copied=[], skipped=[], failed=[], retry_later=[])
@@ -237,7 +310,11 @@ def transfer_batch(
             continue
         seconds = time.monotonic() - started
         ledger.mark_verified(
-            file_id, checksum=result.checksum, dest_path=str(dst), copy_seconds=seconds
+            file_id,
+            checksum=result.checksum,
+            dest_path=str(dst),
+            copy_seconds=seconds,
+            owe=first_steps(switches, kind),
         )
         mb = result.size / 1e6
         if result.copied:
@@ -254,28 +331,46 @@ def transfer_batch(
     return report
 
 
-def close_session(facility: FacilityConfig, handle: SessionHandle, reason: str) -> dict[str, Any]:
-    """Mark the session closed and write a summary beside its logs."""
+def close_session(
+    facility: FacilityConfig, handle: SessionHandle, reason: str, *, max_attempts: int
+) -> dict[str, Any]:
+    """Mark the session closed and write its summary (processing rewrites it when the last
+    owed step is done)."""
     ledger = Ledger(facility.storage.ledger_url)
     ledger.close_session(handle.session_id, reason)
-    counts = ledger.counts(handle.session_id)
-    failed = [
-        {"relpath": f.relpath, "error": f.error}
-        for f in ledger.files(handle.session_id, FileState.FAILED)
-    ]
+    return write_summary(facility, handle.session_id, max_attempts=max_attempts)
+
+
+def write_summary(
+    facility: FacilityConfig, session_id: int, *, max_attempts: int
+) -> dict[str, Any]:
+    """``<session>/logs/session_summary.json`` from the ledger alone, written atomically."""
+    ledger = Ledger(facility.storage.ledger_url)
+    row = ledger.get_session(session_id)
+    owed = ledger.owed_count(session_id, max_attempts)
     summary = {
-        "session_id": handle.session_id,
-        "closed_at": datetime.now(UTC).isoformat(),
-        "reason": reason,
-        "files": counts,
-        "failed": failed,
-        "processing": ledger.stage_counts(handle.session_id),
+        "session_id": session_id,
+        "session": row.name,
+        "microscope": row.microscope,
+        "state": row.state,
+        "closed_at": row.closed_at.isoformat() if row.closed_at else None,
+        "reason": row.close_reason,
+        "written_at": datetime.now(UTC).isoformat(),
+        "processing_complete": owed == 0,
+        "steps_owed": owed,
+        "files": ledger.counts(session_id),
+        "failed": [
+            {"relpath": f.relpath, "error": f.error}
+            for f in ledger.files(session_id, FileState.FAILED)
+        ],
+        "processing": ledger.stage_counts(session_id),
     }
-    target = Path(handle.dest_root) / "logs" / "session_summary.json"
+    target = Path(row.dest_root) / "logs" / "session_summary.json"
     tmp = target.with_name(f".{target.name}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, facility.permissions.file_mode)
     with os.fdopen(fd, "w") as fh:
         json.dump(summary, fh, indent=2)
     os.chmod(tmp, facility.permissions.file_mode)
     os.replace(tmp, target)
+    ledger.mark_summary_written(session_id, final=row.state == "closed" and owed == 0)
     return summary

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import fnmatch
+import json
 import os
-from pathlib import Path
+import random
+from pathlib import Path, PurePosixPath
 
 import pytest
 
 from cryoflow.share.scan import (
+    IGNORED_NAMES,
+    IGNORED_PATTERNS,
     FileStat,
     Observation,
     StabilityTracker,
@@ -99,3 +104,161 @@ def test_file_is_ready_only_after_settling() -> None:
     # vanished files are forgotten
     assert tracker.observe({}, now=11.0) == Observation(set(), set(), set())
     assert tracker.stat_of("m.tif") is None
+
+
+def _fnmatch_is_ignored(relpath: str, extra: tuple[str, ...] = ()) -> bool:
+    """The original fnmatch-per-pattern rule, kept here as the reference the fast matcher obeys."""
+    parts = PurePosixPath(relpath).parts
+    if any(part.startswith(".") or part in IGNORED_NAMES for part in parts):
+        return True
+    name = parts[-1] if parts else relpath
+    return any(
+        fnmatch.fnmatchcase(name.lower(), p.lower()) or fnmatch.fnmatchcase(relpath, p)
+        for p in (*IGNORED_PATTERNS, *extra)
+    )
+
+
+def test_fast_matcher_agrees_with_fnmatch() -> None:
+    rng = random.Random(7)
+    alphabet = "aAbB.~$_-/*?[]!Σσς\\"
+    shapes = ["*", "**", "", "*.JPG", "logs/*", "a*b", "[ab]*", "*[", "~$*", "A?", "*a/b*", "x**"]
+    for _ in range(3000):
+        rel = "/".join(
+            "".join(rng.choice(alphabet.replace("/", "")) for _ in range(rng.randint(1, 5)))
+            for _ in range(rng.randint(1, 3))
+        )
+        rel = rel if rng.random() < 0.7 else rel.replace("a", "downloading", 1)
+        extra = tuple(
+            rng.choice(shapes) if rng.random() < 0.5 else "".join(rng.sample(alphabet, 3))
+            for _ in range(rng.randint(0, 3))
+        )
+        if rng.random() < 0.2:  # whole-name and whole-path patterns, in either case
+            extra += (rng.choice([rel, rel.upper(), rel.rsplit("/", 1)[-1].swapcase()]),)
+        assert is_ignored(rel, extra) == _fnmatch_is_ignored(rel, extra), (rel, extra)
+
+
+def test_excludes_fold_case_on_the_name_but_not_on_the_path() -> None:
+    assert is_ignored("Images-Disc1/GS_1/a.JPG", ["*.jpg"])
+    assert is_ignored("Images-Disc1/GS_1/a.jpg", ["*.JPG"])
+    assert is_ignored("logs/run.log", ["logs/*"])
+    assert not is_ignored("Logs/run.log", ["logs/*"])
+    assert is_ignored("Logs/run.log", ["Logs/*"])
+
+
+def test_scan_prunes_exactly_what_is_ignored_at_any_depth(tmp_path: Path) -> None:
+    rng = random.Random(3)
+    pieces = ["a", "B", ".h", "~$x", "y.TMP", "z.part", "DownLoading", "$RECYCLE.BIN", "keep"]
+    created = set()
+    for _ in range(300):
+        rel = "/".join(
+            rng.choice(pieces) + str(rng.randint(0, 2)) for _ in range(rng.randint(1, 4))
+        )
+        try:
+            _touch(tmp_path, rel)
+        except OSError:  # a file already sits where this path wants a folder, or the reverse
+            continue
+        created.add(rel)
+    created = {rel for rel in created if (tmp_path / rel).is_file()}
+    exclude = ("keep1/*", "*2.TMP")
+    parts = {rel: rel.split("/") for rel in created}
+    expected = {
+        rel
+        for rel in created
+        if not any(
+            _fnmatch_is_ignored("/".join(parts[rel][: i + 1]), exclude)
+            for i in range(len(parts[rel]))
+        )
+    }
+    assert 0 < len(expected) < len(created)
+    result = scan_tree(tmp_path, exclude)
+    assert set(result.files) == expected
+    assert not result.errors and not result.refused
+
+
+def test_symlink_loops_and_links_to_folders(tmp_path: Path) -> None:
+    _touch(tmp_path, "Data/movie.tif")
+    os.symlink("self", tmp_path / "self")  # points at itself
+    os.symlink("loop_b", tmp_path / "loop_a")
+    os.symlink("loop_a", tmp_path / "loop_b")
+    os.symlink("Data", tmp_path / "Data_link")  # inside the share, but a folder: never walked
+    os.symlink("missing.tif", tmp_path / "dangling.tif")
+    result = scan_tree(tmp_path)
+    assert set(result.files) == {"Data/movie.tif"}
+    assert sorted(e.split(":")[0] for e in result.errors) == ["loop_a", "loop_b", "self"]
+    assert result.refused == []
+
+
+def test_undecodable_names_are_listed(tmp_path: Path) -> None:
+    raw = os.fsencode(tmp_path) + b"/Data/movie_\xff\xfe.tif"
+    os.makedirs(os.fsencode(tmp_path) + b"/Data")
+    with open(raw, "wb") as fh:
+        fh.write(b"abc")
+    name = "Data/" + os.fsdecode(b"movie_\xff\xfe.tif")
+    result = scan_tree(tmp_path)
+    assert list(result.files) == [name]
+    assert result.files[name].size == 3
+    assert resolve_in(tmp_path, name).stat().st_size == 3  # the key leads back to the file
+
+
+def test_unreadable_or_vanishing_entries_are_reported_not_fatal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for rel in ("ok.tif", "gone.tif", "locked/movie.tif"):
+        _touch(tmp_path, rel)
+    real_scandir = os.scandir
+
+    def scandir(path: str) -> object:
+        if os.path.basename(path) == "locked":  # what a CIFS ACL does to root as well
+            raise PermissionError(13, "Permission denied", path)
+        entries = list(real_scandir(path))
+        (tmp_path / "gone.tif").unlink(missing_ok=True)  # deleted between listing and stat
+        return iter(entries)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    result = scan_tree(tmp_path)
+    assert set(result.files) == {"ok.tif"}
+    assert sorted(result.errors) == [
+        "gone.tif: No such file or directory",
+        "locked/: Permission denied",
+    ]
+
+
+def test_stability_survives_into_a_new_tracker() -> None:
+    m = {"m.tif"}
+    old = StabilityTracker(settle_seconds=1.0)
+    files = {"m.tif": FileStat(100, 7)}
+    old.observe(files, now=50.0)
+    assert old.observe(files, now=50.8) == Observation(set(), m, set())
+    state = json.loads(json.dumps(old.snapshot(now=50.8)))
+    assert state["m.tif"][:2] == [100, 7] and state["m.tif"][2] == pytest.approx(0.8)
+
+    # next batch run: another process, another monotonic origin
+    new = StabilityTracker.restore(1.0, state, now=1000.0)
+    assert new.stat_of("m.tif") == FileStat(100, 7)
+    assert new.observe(files, now=1000.1) == Observation(set(), m, set())
+    assert new.observe(files, now=1000.2) == Observation(m, set(), set())
+
+    grown = {"m.tif": FileStat(200, 8)}
+    again = StabilityTracker.restore(1.0, state, now=1000.0)
+    assert again.observe(grown, now=1000.2) == Observation(set(), m, m)  # settle restarts
+    assert again.observe(grown, now=1001.1) == Observation(set(), m, set())
+    assert again.observe(grown, now=1001.2) == Observation(m, set(), set())
+
+
+def test_restore_drops_malformed_entries() -> None:
+    state = {
+        "ok.tif": [1, 2, 0.5],
+        "int_age.tif": [1, 2, 3],
+        "short.tif": [1, 2],
+        "text.tif": ["1", 2, 0.5],
+        "bool.tif": [True, 2, 0.5],
+        "negative.tif": [-1, 2, 0.5],
+        "nan.tif": [1, 2, float("nan")],
+        "future.tif": [1, 2, -5.0],
+        "dict.tif": {"size": 1},
+        7: [1, 2, 0.5],
+    }
+    tracker = StabilityTracker.restore(5.0, state, now=10.0)  # type: ignore[arg-type]
+    assert tracker.snapshot(now=10.0) == {"ok.tif": [1, 2, 0.5], "int_age.tif": [1, 2, 3]}
+    assert StabilityTracker.restore(5.0, None, now=0.0).snapshot(now=0.0) == {}
+    assert StabilityTracker.restore(5.0, [], now=0.0).snapshot(now=0.0) == {}  # type: ignore[arg-type]

@@ -53,11 +53,75 @@ def test_idle_share_ends_the_session(tmp_path: Path) -> None:
     assert event["status"] == "ended" and "idle" in event["reason"]
 
 
-def test_unreachable_ledger_is_an_error_event(tmp_path: Path) -> None:
-    trigger = _make_trigger(tmp_path)
-    trigger.ledger_url = "postgresql+psycopg://nobody@127.0.0.1:1/none"
-    (event,) = asyncio.run(_events(trigger))
-    assert event["status"] == "error" and "ledger unreachable" in event["reason"]
+def test_unreachable_ledger_does_not_end_the_watch(tmp_path: Path) -> None:
+    """The ledger database away for a few seconds: the watch reports, backs off and goes on."""
+    share = tmp_path / "share"
+    share.mkdir()
+    (share / "m1.tif").write_bytes(b"12")
+    trigger = _make_trigger(tmp_path, backoff_max_seconds=0.2)
+    db = tmp_path / "ledger.db"
+    hidden = tmp_path / "ledger.db.away"
+    url = trigger.ledger_url
+    trigger.ledger_url = f"sqlite:///{tmp_path}/gone/ledger.db"  # unreachable: no such folder
+
+    async def outage_then_back() -> list[dict]:
+        async def restore() -> None:
+            await asyncio.sleep(2.0)
+            trigger.ledger_url = url
+
+        task = asyncio.ensure_future(restore())
+        events = await asyncio.wait_for(_events(trigger), 30)
+        await task
+        return events
+
+    assert db.exists() and not hidden.exists()
+    (event,) = asyncio.run(outage_then_back())
+    assert event["status"] == "ready"
+    assert [f["relpath"] for f in event["files"]] == ["m1.tif"]
+
+
+def test_operator_end_request_ends_a_waiting_watch(tmp_path: Path) -> None:
+    (tmp_path / "share").mkdir()
+    trigger = _make_trigger(tmp_path, idle_timeout_seconds=3600)
+    Ledger(trigger.ledger_url).request_end(trigger.session_id, "ended by an operator")
+    (event,) = asyncio.run(asyncio.wait_for(_events(trigger), 30))
+    assert event["status"] == "ended" and event["reason"] == "ended by an operator"
+
+
+def test_hung_poll_is_reported_not_waited_on_silently(tmp_path: Path, capfd) -> None:
+    """A poll that does not return (a hung CIFS mount) is reported after the poll timeout."""
+    import threading
+
+    (tmp_path / "share").mkdir()
+    trigger = _make_trigger(tmp_path, poll_timeout_seconds=0.3)
+    release = threading.Event()
+    real_poll = trigger._poll
+    calls = []
+
+    def hanging_poll(watch):
+        calls.append(1)
+        release.wait(5)
+        return real_poll(watch)
+
+    trigger._poll = hanging_poll  # type: ignore[method-assign]
+
+    calls_while_hung = []
+
+    def unhang() -> None:
+        calls_while_hung.append(len(calls))
+        release.set()
+
+    async def run() -> list[dict]:
+        asyncio.get_running_loop().call_later(1.5, unhang)
+        return await asyncio.wait_for(_events(trigger), 30)
+
+    (event,) = asyncio.run(run())
+    assert event["status"] == "ended"
+    out = capfd.readouterr().out
+    assert "has not returned after 0.3 s: is the share's mount hung?" in out
+    assert "has not returned after 1.2 s" in out
+    # the same call was waited for: no pile of threads on a dead mount
+    assert calls_while_hung == [1]
 
 
 def test_already_copied_files_are_not_offered(tmp_path: Path) -> None:

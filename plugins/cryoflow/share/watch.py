@@ -54,11 +54,15 @@ class ShareWatch:
     """
 
     def __init__(
-        self, settings: WatchSettings, done: dict[str, tuple[int, int]], started: float
+        self,
+        settings: WatchSettings,
+        done: dict[str, tuple[int, int]],
+        started: float,
+        tracker: StabilityTracker | None = None,
     ) -> None:
         self.settings = settings
         self.done = done
-        self.tracker = StabilityTracker(settings.settle_seconds)
+        self.tracker = tracker or StabilityTracker(settings.settle_seconds)
         self.last_activity = started
         self.first_ready_at: float | None = None
 

@@ -1,8 +1,10 @@
 """Deferrable watch of a microscope share: a waiting session holds no worker slot.
 
-The filesystem walk and the ledger read run in a thread (a CIFS mount can stall for seconds; the
-triggerer's event loop must not). The trigger yields exactly one event: a batch of finished files,
-the end of the session, or an error after repeated failures.
+The filesystem walk and the ledger reads run in a thread (a CIFS mount can stall for seconds; the
+triggerer's event loop must not), under a timeout that reports a hung mount instead of hanging.
+The trigger yields exactly one event: a batch of finished files, or the end of the session (idle
+timeout, end time, or an operator's end request in the ledger). Errors never end a session: the
+watch reports them and tries again with backoff.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from typing import Any
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
 from cryoflow.ledger import Ledger
-from cryoflow.share.watch import ShareWatch, WatchSettings
+from cryoflow.share.scan import StabilityTracker
+from cryoflow.share.watch import Outcome, ShareWatch, WatchSettings
 
 
 class ShareWatchTrigger(BaseTrigger):
@@ -35,7 +38,8 @@ class ShareWatchTrigger(BaseTrigger):
         idle_timeout_seconds: float = 3600.0,
         deadline: str | None = None,
         max_attempts: int = 3,
-        max_consecutive_errors: int = 30,
+        poll_timeout_seconds: float = 60.0,
+        backoff_max_seconds: float = 60.0,
     ) -> None:
         super().__init__()
         self.root = root
@@ -49,7 +53,8 @@ class ShareWatchTrigger(BaseTrigger):
         self.idle_timeout_seconds = idle_timeout_seconds
         self.deadline = deadline
         self.max_attempts = max_attempts
-        self.max_consecutive_errors = max_consecutive_errors
+        self.poll_timeout_seconds = poll_timeout_seconds
+        self.backoff_max_seconds = backoff_max_seconds
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return (
@@ -66,7 +71,8 @@ class ShareWatchTrigger(BaseTrigger):
                 "idle_timeout_seconds": self.idle_timeout_seconds,
                 "deadline": self.deadline,
                 "max_attempts": self.max_attempts,
-                "max_consecutive_errors": self.max_consecutive_errors,
+                "poll_timeout_seconds": self.poll_timeout_seconds,
+                "backoff_max_seconds": self.backoff_max_seconds,
             },
         )
 
@@ -81,32 +87,75 @@ class ShareWatchTrigger(BaseTrigger):
             deadline=datetime.fromisoformat(self.deadline) if self.deadline else None,
         )
 
-    def _load_done(self) -> dict[str, tuple[int, int]]:
-        return Ledger(self.ledger_url).done_files(self.session_id, self.max_attempts)
+    # -- work done in a thread (blocking filesystem and database calls) --------------------
 
-    async def run(self) -> AsyncIterator[TriggerEvent]:
-        errors = 0
-        try:
-            done = await asyncio.to_thread(self._load_done)
-        except Exception as exc:  # the ledger is unreachable: report, the task fails clearly
-            yield TriggerEvent({"status": "error", "reason": f"ledger unreachable: {exc}"})
-            return
-        watch = ShareWatch(self._settings(), done, started=time.monotonic())
+    def _start(self) -> ShareWatch:
+        ledger = Ledger(self.ledger_url)
+        done = ledger.done_files(self.session_id, self.max_attempts)
+        now = time.monotonic()
+        settings = self._settings()
+        tracker = StabilityTracker.restore(
+            settings.settle_seconds, ledger.watch_state(self.session_id), now
+        )
         self.log.info("Watching %s (%d files already done)", self.root, len(done))
+        return ShareWatch(settings, done, started=now, tracker=tracker)
+
+    def _poll(self, watch: ShareWatch) -> Outcome:
+        ledger = Ledger(self.ledger_url)
+        requested = ledger.end_requested(self.session_id)
+        if requested:
+            return Outcome("ended", reason=requested)
+        now = time.monotonic()
+        outcome = watch.poll(now)
+        if outcome.status != "wait":
+            # Files still settling keep their stability for the next batch run's watch.
+            ledger.save_watch_state(self.session_id, watch.tracker.snapshot(now))
+        return outcome
+
+    # -- the loop --------------------------------------------------------------------------
+
+    async def _in_thread(self, what: str, fn: Any, *args: Any) -> Any:
+        """Run a blocking call in a thread; while it has not returned after the poll timeout,
+        report it (a hung CIFS mount) and keep waiting for the same call, never piling up
+        threads on a dead mount."""
+        future = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+        waited = 0.0
         while True:
             try:
-                outcome = await asyncio.to_thread(watch.poll, time.monotonic())
-                errors = 0
-            except OSError as exc:
-                errors += 1
-                self.log.warning("Share poll failed (%d in a row): %s", errors, exc)
-                if errors >= self.max_consecutive_errors:
-                    yield TriggerEvent(
-                        {"status": "error", "reason": f"share unreadable {errors} times: {exc}"}
-                    )
-                    return
-            else:
-                if outcome.status != "wait":
-                    yield TriggerEvent(outcome.payload())
-                    return
+                return await asyncio.wait_for(asyncio.shield(future), self.poll_timeout_seconds)
+            except TimeoutError:
+                waited += self.poll_timeout_seconds
+                self.log.error(
+                    "%s of %s has not returned after %.1f s: is the share's mount hung?",
+                    what, self.root, waited,
+                )  # fmt: skip
+
+    async def run(self) -> AsyncIterator[TriggerEvent]:
+        failures = 0
+        watch: ShareWatch | None = None
+        reported: set[str] = set()
+        while True:
+            try:
+                if watch is None:
+                    watch = await self._in_thread("Opening the watch", self._start)
+                outcome = await self._in_thread("A poll", self._poll, watch)
+            except Exception as exc:  # share or ledger trouble: report, back off, go on
+                failures += 1
+                delay = min(self.backoff_max_seconds, self.poll_seconds * 2 ** min(failures, 10))
+                self.log.warning(
+                    "Watch of %s failed (%d in a row), next try in %.1f s: %s",
+                    self.root, failures, delay, exc,
+                )  # fmt: skip
+                await asyncio.sleep(delay)
+                continue
+            if failures:
+                self.log.info("Watch of %s works again after %d failure(s)", self.root, failures)
+                failures = 0
+            for err in outcome.errors[:20]:
+                if err not in reported:  # once each, not on every poll
+                    self.log.warning("Could not read: %s", err)
+            reported = set(outcome.errors[:20])
+            if outcome.status != "wait":
+                yield TriggerEvent(outcome.payload())
+                return
             await asyncio.sleep(self.poll_seconds)

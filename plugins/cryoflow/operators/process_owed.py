@@ -1,0 +1,329 @@
+"""Process whatever the ledger says a microscope's movies owe: one task per processing run.
+
+A processing run is started by ingest (an asset event per copied batch) and never waited on.
+It claims the owed MotionCor2 work of every session of its microscope in the ledger, submits it
+as one job array and defers; when the array ends it records each movie, claims the CTFFIND and
+picking work that became owed, submits both arrays and defers again; then it refreshes each
+touched session's ``micrographs_ctf.star`` and, for a closed session that owes nothing more,
+its summary. Claims are settled from the ledger and the jobs' fate, never from XCom: a run that
+was killed leaves claims with job ids; the next run records the movies whose outputs exist and
+offers the others again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from functools import cached_property
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from airflow.sdk import BaseOperator
+
+from cryoflow import processing
+from cryoflow.compute.jobscript import SubmittedJob, TaskStatus
+from cryoflow.compute.settings import parse_backend
+from cryoflow.config import load_site
+from cryoflow.ledger import FileRow, Ledger, StageRow, StageState
+from cryoflow.operators.compute_job import ArrayJobs, _safe, statuses_from_event
+from cryoflow.session import SessionHandle, SessionParams, write_summary
+from cryoflow.steps import STAGES
+
+if TYPE_CHECKING:
+    from airflow.sdk import Context
+
+#: ledger stage -> facility.software key
+SOFTWARE = {"motioncor": "motioncor2", "ctf": "ctffind", "picking": "dogpicker"}
+
+
+@dataclass(frozen=True)
+class Work:
+    """One claimed stage row: which movie, of which session (JSON-able for the deferral)."""
+
+    stage_id: int
+    file_id: int
+    session_id: int
+    relpath: str
+    dest: str
+
+    @classmethod
+    def of(cls, stage: StageRow, file: FileRow) -> Work:
+        return cls(stage.id, file.id, file.session_id, file.relpath, file.dest_path or "")
+
+
+class ProcessOwedOperator(BaseOperator):
+    """Claim and process the owed steps of one microscope's movies (see the module doc)."""
+
+    template_fields: Sequence[str] = ()
+    ui_color = "#e8f2d9"
+
+    def __init__(self, *, microscope_id: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.microscope_id = microscope_id
+        self._touched: set[int] = set()
+
+    # -- configuration, sessions -----------------------------------------------------------
+
+    @cached_property
+    def site(self) -> Any:
+        return load_site()
+
+    @cached_property
+    def ledger(self) -> Ledger:
+        return Ledger(self.site.facility.storage.ledger_url)
+
+    @cached_property
+    def _sessions(self) -> dict[int, tuple[SessionHandle, SessionParams]]:
+        return {}
+
+    def session(self, session_id: int) -> tuple[SessionHandle, SessionParams]:
+        if session_id not in self._sessions:
+            row = self.ledger.get_session(session_id)
+            handle = SessionHandle(session_id, row.source_root, row.dest_root, None)
+            self._sessions[session_id] = (handle, SessionParams.model_validate(row.params))
+        return self._sessions[session_id]
+
+    def jobs(self, stage: str) -> ArrayJobs:
+        facility = self.site.facility
+        name = facility.software[SOFTWARE[stage]].backend
+        return ArrayJobs(parse_backend(facility.compute[name]), self.log)
+
+    def _movies(self, work: list[Work]) -> tuple[list[processing.MoviePaths], list[SessionParams]]:
+        movies, params = [], []
+        for w in work:
+            handle, p = self.session(w.session_id)
+            movies.append(processing.movie_paths(handle, w.file_id, w.relpath, w.dest))
+            params.append(p)
+        return movies, params
+
+    @staticmethod
+    def _claimer(context: Context) -> str:
+        ti = context["ti"]
+        return f"{ti.dag_id}/{ti.run_id}#{ti.try_number}"
+
+    # -- entry -----------------------------------------------------------------------------
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        for stage in STAGES:
+            self._settle_stale(context, stage)
+        return self._run(context)
+
+    def _settle_stale(self, context: Context, stage: str) -> None:
+        """Claims no live run of ours holds: a dead run's, or an earlier try of this run's."""
+        mine = self._claimer(context)
+        run_prefix = mine.rsplit("#", 1)[0] + "#"
+        grace = timedelta(seconds=self.site.facility.processing.claim_grace_seconds)
+        now = datetime.now(UTC)
+        by_job: dict[tuple[str, str], list[tuple[StageRow, FileRow]]] = {}
+        for st, f in self.ledger.claimed(self.microscope_id, stage):
+            if st.claimed_by == mine:
+                continue
+            if st.job_id is None:
+                claimed = st.claimed_at.replace(tzinfo=st.claimed_at.tzinfo or UTC)
+                if (st.claimed_by or "").startswith(run_prefix) or now - claimed > grace:
+                    self.ledger.release_stage(st.id, f"claimed by {st.claimed_by}, never submitted")
+                continue
+            by_job.setdefault((st.job_id, st.job_dir or ""), []).append((st, f))
+        for (job_id, job_dir), rows in by_job.items():
+            n_tasks = max(st.array_index or 0 for st, _ in rows) + 1
+            job = SubmittedJob(job_id, job_dir, n_tasks)
+            statuses = self.jobs(stage).poll_once(job)
+            if not statuses:
+                continue
+            mine_rows = [(st, f) for st, f in rows if st.array_index is not None]
+            if not all(statuses[st.array_index].terminal for st, _ in mine_rows):
+                self.log.info(
+                    "%s job %s of an earlier run still runs: its %d movie(s) stay with it",
+                    stage, job_id, len(mine_rows),
+                )  # fmt: skip
+                continue
+            work = [Work.of(st, f) for st, f in mine_rows]
+            states = {
+                str(i): statuses[st.array_index].to_dict() for i, (st, _) in enumerate(mine_rows)
+            }
+            self.log.info(
+                "Settling %d %s movie(s) of job %s left by %s",
+                len(work), stage, job_id, rows[0][0].claimed_by,
+            )  # fmt: skip
+            self._record(stage, work, states, {"job_id": job_id})
+
+    # -- the steps -------------------------------------------------------------------------
+
+    def _claim(self, context: Context, stage: str, after: str | None = None) -> list[Work]:
+        cfg = self.site.facility.processing
+        rows = self.ledger.claim(
+            self.microscope_id,
+            stage,
+            self._claimer(context),
+            limit=cfg.batch_max_movies,
+            max_attempts=cfg.max_attempts,
+            after=after,
+        )
+        return [Work.of(st, f) for st, f in rows]
+
+    def _job_dir(self, context: Context, jobs: ArrayJobs, stage: str) -> str:
+        ti = context["ti"]
+        parts = [_safe(ti.dag_id), _safe(ti.run_id), f"{stage}-try{ti.try_number}"]
+        return "/".join([jobs.job_root(), *parts])
+
+    def _submit(self, context: Context, stage: str, work: list[Work]) -> None:
+        """Plan and submit one array for ``work``; the job is recorded in the ledger (claim
+        rows get job id and array index) before the run defers: resuming, retrying or a later
+        run all find it there."""
+        movies, params = self._movies(work)
+        facility = self.site.facility
+        stdin: list[str] | None = None
+        tasks: list[list[str]] = []
+        if stage == "motioncor":
+            layout = self.site.microscopes[self.microscope_id].layout
+            by_index: dict[int, list[str]] = {}
+            for session_id in dict.fromkeys(w.session_id for w in work):
+                idx = [i for i, w in enumerate(work) if w.session_id == session_id]
+                handle, p = self.session(session_id)
+                group = [movies[i] for i in idx]
+                for warning in processing.record_acquisition(self.ledger, handle, group, layout, p):
+                    self.log.warning("%s", warning)
+                gain = processing.gain_reference(
+                    self.ledger, handle, p, facility.permissions.dir_mode
+                )
+                self.log.info("Session %s gain reference: %s", handle.session_id, gain or "none")
+                argvs = processing.plan_motioncor(facility, p, handle, group, gain)
+                by_index.update(zip(idx, argvs, strict=True))
+            tasks = [by_index[i] for i in range(len(work))]
+        elif stage == "ctf":
+            stdin = []
+            for m, p in zip(movies, params, strict=True):
+                t, answers = processing.plan_ctffind(facility, p, [m])
+                tasks += t
+                stdin += answers
+        else:
+            for m, p in zip(movies, params, strict=True):
+                tasks += processing.plan_dogpicker(facility, p, [m])
+        for m, argv in zip(movies, tasks, strict=True):
+            self.log.info("%s: %s", m.relpath, " ".join(argv))
+        jobs = self.jobs(stage)
+        job = jobs.submit(SOFTWARE[stage], tasks, stdin, self._job_dir(context, jobs, stage))
+        self.ledger.set_job([w.stage_id for w in work], job.job_id, job.job_dir)
+
+    def _record(
+        self, stage: str, work: list[Work], states: dict[str, dict[str, Any]], job: dict
+    ) -> None:
+        movies, params = self._movies(work)
+        ok, problems = processing.record_step(self.ledger, stage, movies, states, job, params)
+        self.log.info("%s: %d of %d movie(s) done", stage, len(ok), len(movies))
+        for problem in problems:
+            self.log.error("%s", problem)
+        self._touched.update(w.session_id for w in work)
+
+    def _my_jobs(self, context: Context) -> list[tuple[str, SubmittedJob, list[Work]]]:
+        """This try's submitted, unsettled jobs, from the ledger: CTF before picking."""
+        jobs: dict[str, tuple[str, str, list[Work]]] = {}
+        for st, f in self.ledger.claimed(self.microscope_id, claimer=self._claimer(context)):
+            if st.job_id is not None:
+                jobs.setdefault(st.job_id, (st.stage, st.job_dir or "", []))[2].append(
+                    Work.of(st, f)
+                )
+        order = {stage: i for i, stage in enumerate(STAGES)}
+        found = [
+            (stage, SubmittedJob(job_id, job_dir, len(work)), work)
+            for job_id, (stage, job_dir, work) in jobs.items()
+        ]
+        return sorted(found, key=lambda item: order[item[0]])
+
+    def _wait(self, context: Context) -> dict[str, Any]:
+        """Follow the next submitted array; resume in :meth:`step_done`."""
+        pending = self._my_jobs(context)
+        if not pending:
+            return self._finish(context)
+        stage, job, work = pending[0]
+        jobs = self.jobs(stage)
+        statuses = jobs.poll_once(job)
+        if statuses and all(s.terminal for s in statuses):
+            return self._resume(context, stage, job, work, statuses, "done", "")
+        self.defer(trigger=jobs.trigger(job), method_name="step_done")
+        raise AssertionError("defer() returned")  # pragma: no cover
+
+    def step_done(self, context: Context, event: dict[str, Any] | None = None) -> dict[str, Any]:
+        job, statuses = statuses_from_event(event, "processing")
+        assert event is not None
+        rows = self.ledger.claimed(
+            self.microscope_id, claimer=self._claimer(context), job_id=job.job_id
+        )
+        if not rows:
+            self.log.warning("Job %s: its movies were settled elsewhere meanwhile", job.job_id)
+            return self._wait(context)
+        stage = rows[0][0].stage
+        work = [Work.of(st, f) for st, f in rows]
+        return self._resume(context, stage, job, work, statuses, event["status"], event["message"])
+
+    def _resume(
+        self,
+        context: Context,
+        stage: str,
+        job: SubmittedJob,
+        work: list[Work],
+        statuses: list[TaskStatus],
+        status: str,
+        message: str,
+    ) -> dict[str, Any]:
+        labels = [w.relpath for w in work]
+        states = self.jobs(stage).finish(
+            SOFTWARE[stage], job, statuses, status=status, message=message, labels=labels
+        )
+        self._record(stage, work, states, job.to_dict())
+        if stage == "motioncor":
+            self._claim_downstream(context)
+        if stage == "ctf":
+            self._write_star()
+        return self._wait(context)
+
+    def _run(self, context: Context) -> dict[str, Any]:
+        work = self._claim(context, "motioncor")
+        if work:
+            self._submit(context, "motioncor", work)
+        else:
+            self._claim_downstream(context)
+        return self._wait(context)
+
+    def _claim_downstream(self, context: Context) -> None:
+        for stage in ("ctf", "picking"):  # CTF first: it is what people look at first
+            work = self._claim(context, stage, after="motioncor")
+            if work:
+                self._submit(context, stage, work)
+
+    # -- the end of a run ------------------------------------------------------------------
+
+    def _write_star(self) -> None:
+        for session_id in sorted(self._touched):
+            handle, p = self.session(session_id)
+            path = processing.write_micrographs_ctf_star(
+                self.ledger, handle, p, self.site.facility.permissions.file_mode
+            )
+            if path:
+                self.log.info("Session %s: %s", session_id, path)
+
+    def _finish(self, context: Context) -> dict[str, Any]:
+        """Refresh results of touched sessions; a closed session owing nothing gets its final
+        summary (also when its owed work ended in an earlier run)."""
+        self._write_star()
+        max_attempts = self.site.facility.processing.max_attempts
+        for row in self.ledger.sessions_to_summarize(self.microscope_id):
+            if self.ledger.owed_count(row.id, max_attempts) == 0:
+                summary = write_summary(self.site.facility, row.id, max_attempts=max_attempts)
+                self.log.info(
+                    "Session %s is closed and fully processed: summary %s",
+                    row.name, Path(row.dest_root) / "logs" / "session_summary.json",
+                )  # fmt: skip
+                self.log.info("Processing counts: %s", summary["processing"])
+        if not self._touched:
+            self.log.info("Nothing owed: no movie of %s waits for processing", self.microscope_id)
+        return {"sessions": sorted(self._touched)}
+
+    def on_kill(self) -> None:
+        # The deferred SlurmJobTrigger cancels its own job when killed; claims are settled by
+        # the next run from the ledger.
+        self.log.info("Killed: the next processing run settles this run's claims")
+
+
+__all__ = ["ProcessOwedOperator", "StageState"]
