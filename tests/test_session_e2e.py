@@ -120,7 +120,7 @@ def test_session_streams_movies_while_the_microscope_writes(airflow_db, site_env
     before = {rel: (raw / rel).stat().st_ino for rel in sums}
     again = run_session(dag, conf)
     assert len(again.runs) == 1
-    report = again.xcom(again.runs[0], "transfer_batch")
+    report = again.batch(again.runs[0])
     assert report["copied"] == [] and report["failed"] == []
     assert {rel: (raw / rel).stat().st_ino for rel in sums} == before
     assert ledger.counts(session_id) == {"verified": len(sums)}
