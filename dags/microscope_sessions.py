@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
-from airflow.sdk import DAG, Asset, Param
+from airflow.sdk import DAG, Asset, AssetOrTimeSchedule, CronTriggerTimetable, Param
 
 from cryoflow.config import MicroscopeConfig, load_site
 from cryoflow.operators.end_session import end_session
@@ -51,7 +51,12 @@ def processing_dag(scope: MicroscopeConfig) -> DAG:
     with DAG(
         dag_id=f"process_{scope.id}",
         description=f"{scope.name}: MotionCor2 -> CTFFIND, picking for every owed movie",
-        schedule=[verified_asset(scope)],
+        # every batch's asset event; and every 10 minutes, so what a killed run left is
+        # settled even when no batch follows (one task instance when nothing is owed)
+        schedule=AssetOrTimeSchedule(
+            timetable=CronTriggerTimetable("*/10 * * * *", timezone="UTC"),
+            assets=[verified_asset(scope)],
+        ),
         start_date=START,
         catchup=False,
         is_paused_upon_creation=False,  # runs only when ingest copied something

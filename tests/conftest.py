@@ -32,9 +32,7 @@ os.environ.update(
     }
 )
 
-pytest_plugins = (
-    ["tests.services_fixtures"] if (ROOT / "tests" / "services_fixtures.py").exists() else []
-)
+pytest_plugins = ["tests.services_fixtures", "tests.slurm_site"]
 
 
 @pytest.fixture(scope="session")

@@ -43,6 +43,8 @@ def test_every_microscope_yields_an_ingest_and_a_processing_dag(airflow_db) -> N
     (outlet,) = dag.get_task("watch_and_copy").outlets
     assert outlet.uri == "cryoflow://krios2/verified"
     assert [a.uri for a in proc.timetable.asset_condition.objects] == [outlet.uri]
+    # and a periodic run settles what a killed run left when no batch follows
+    assert proc.timetable.timetable.expression == "*/10 * * * *"
 
 
 def test_bad_microscope_file_is_an_import_error_naming_file_and_key(

@@ -105,3 +105,95 @@ def test_stage_results_are_recorded_per_file(ledger: Ledger) -> None:
     (row,) = ledger.stages([fid])
     assert (row.state, row.job_id, row.attempts) == (StageState.DONE, "42", 1)
     assert row.results == {"defocus1_A": 12000.5}
+
+
+def _verified_movies(ledger: Ledger, sid: int, n: int, owe=("motioncor",)) -> list[int]:
+    ids = []
+    for i in range(n):
+        fid, _ = ledger.begin_copy(sid, f"m{i}.tif", kind="movie", size=1, mtime_ns=1, batch="r")
+        ledger.mark_verified(fid, checksum="c", dest_path=f"/g/m{i}.tif", copy_seconds=0, owe=owe)
+        ids.append(fid)
+    return ids
+
+
+def test_a_verified_movie_owes_its_steps_until_they_are_done(ledger: Ledger) -> None:
+    sid = _open(ledger)
+    fids = _verified_movies(ledger, sid, 3)
+    assert ledger.stage_counts(sid) == {"motioncor": {"pending": 3}}
+    assert ledger.owed_count(sid, max_attempts=3) == 3
+    rows = ledger.claim("krios1", "motioncor", "run-a#1", limit=10, max_attempts=3)
+    assert [f.id for _, f in rows] == fids
+    # claimed rows are not offered again
+    assert ledger.claim("krios1", "motioncor", "run-b#1", limit=10, max_attempts=3) == []
+    ledger.set_job([st.id for st, _ in rows], "77", "/jobs/77")
+    assert [(st.job_id, st.array_index) for st, _ in ledger.claimed("krios1", "motioncor")] == [
+        ("77", 0),
+        ("77", 1),
+        ("77", 2),
+    ]
+    # done: CTF and picking become owed in the same transaction; a failure stays owed
+    ledger.record_stage(fids[0], "motioncor", StageState.DONE, then_owe=["ctf", "picking"])
+    ledger.record_stage(fids[1], "motioncor", StageState.FAILED, error="exit 1")
+    ledger.release_stage(rows[2][0].id, "never ran")
+    counts = ledger.stage_counts(sid)
+    assert counts["motioncor"] == {"done": 1, "failed": 1, "pending": 1}
+    assert counts["ctf"] == counts["picking"] == {"pending": 1}
+    # CTF waits for motion correction: only the movie that has it is offered
+    ctf = ledger.claim("krios1", "ctf", "run-c#1", limit=10, max_attempts=3, after="motioncor")
+    assert [f.id for _, f in ctf] == [fids[0]]
+    # the failed one (1 attempt of 3) and the released one are owed again
+    again = ledger.claim("krios1", "motioncor", "run-c#1", limit=10, max_attempts=3)
+    assert sorted(f.id for _, f in again) == [fids[1], fids[2]]
+    assert {st.attempts for st, _ in again} == {1, 2}  # released: that try did not count
+
+
+def test_two_runs_claiming_at_once_never_share_a_movie(ledger: Ledger) -> None:
+    import threading
+
+    sid = _open(ledger)
+    _verified_movies(ledger, sid, 40)
+    taken: dict[str, list[int]] = {"a": [], "b": []}
+    errors: list[BaseException] = []
+
+    def claim(name: str) -> None:
+        try:
+            for _ in range(10):
+                rows = ledger.claim("krios1", "motioncor", name, limit=3, max_attempts=3)
+                taken[name] += [st.id for st, _ in rows]
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=claim, args=(n,)) for n in taken]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert not set(taken["a"]) & set(taken["b"])
+    assert len(taken["a"]) + len(taken["b"]) == 40
+
+
+def test_star_rows_and_gain_come_from_single_queries(ledger: Ledger) -> None:
+    sid = _open(ledger)
+    fids = _verified_movies(ledger, sid, 3)
+    gain, _ = ledger.begin_copy(sid, "g.gain", kind="gain_reference", size=1, mtime_ns=1, batch="r")
+    ledger.mark_verified(gain, checksum="g", dest_path="/g/g.gain", copy_seconds=0)
+    for fid in fids[:2]:
+        ledger.record_stage(fid, "motioncor", StageState.DONE, results={"aligned": "a"})
+    ledger.record_stage(fids[0], "ctf", StageState.DONE, results={"defocus1_A": 1.0})
+    assert ledger.ctf_table(sid) == [(fids[0], {"aligned": "a"}, {"defocus1_A": 1.0})]
+    assert [f.id for f in ledger.latest_file(sid, "gain_reference")] == [gain]
+
+
+def test_operator_end_request_and_watch_state_survive_in_the_ledger(ledger: Ledger) -> None:
+    sid = _open(ledger)
+    assert ledger.end_requested(sid) is None
+    assert ledger.request_end(sid, "ended by an operator")
+    assert ledger.end_requested(sid) == "ended by an operator"
+    ledger.save_watch_state(sid, {"a.tif": [1, 2, 3.5]})
+    assert ledger.watch_state(sid) == {"a.tif": [1, 2, 3.5]}
+    ledger.close_session(sid, "ended by an operator")
+    assert not ledger.request_end(sid, "again")  # closed: nothing to end
+    assert [r.id for r in ledger.sessions_to_summarize("krios1")] == [sid]
+    ledger.mark_summary_written(sid, final=True)
+    assert ledger.sessions_to_summarize("krios1") == []

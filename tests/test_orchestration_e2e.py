@@ -62,14 +62,25 @@ def engines(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def _driver(dag_id: str, conf: dict) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-c", DRIVER, dag_id, json.dumps(conf)],
-        cwd=ROOT,
-        start_new_session=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    """``dag.test()`` of a DAG in a process of its own (output to a file: a pipe nobody reads
+    would block it)."""
+    import tempfile
+
+    with tempfile.NamedTemporaryFile("w", prefix=f"{dag_id}-", suffix=".log", delete=False) as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", DRIVER, dag_id, json.dumps(conf)],
+            cwd=ROOT,
+            start_new_session=True,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+    proc.log_path = out.name  # type: ignore[attr-defined]
+    return proc
+
+
+def output(proc: subprocess.Popen) -> str:
+    return Path(proc.log_path).read_text(errors="replace")  # type: ignore[attr-defined]
 
 
 def _kill(proc: subprocess.Popen) -> None:
@@ -106,21 +117,24 @@ def _wait_for(what: str, check, proc: subprocess.Popen | None = None, timeout: f
     deadline = time.monotonic() + timeout
     while not check():
         if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"driver ended before {what}: {proc.stdout.read()[-3000:]}")
+            raise AssertionError(f"driver ended before {what}: {output(proc)[-3000:]}")
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.02)
 
 
-def _process_until_done(ledger: Ledger, session_id: int, runs: int = 6) -> list:
-    """Processing runs (as ingest's asset events would start them) until nothing is owed."""
+def _process_until_done(ledger: Ledger, session_id: int, timeout: float = 240) -> list:
+    """Processing runs, as ingest's asset events or the schedule would start them (a few
+    seconds apart), until nothing is owed."""
     process, done = load_dag("process_krios2"), []
-    for _ in range(runs):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
         run = process.test()
         assert str(run.state) == "success"
         done.append(run)
         if ledger.owed_count(session_id, max_attempts=3) == 0:
             return done
-    raise AssertionError(f"still owed after {runs} runs: {ledger.stage_counts(session_id)}")
+        time.sleep(3)
+    raise AssertionError(f"still owed after {len(done)} runs: {ledger.stage_counts(session_id)}")
 
 
 def _summary(site_env: dict, session: str) -> dict:
@@ -145,17 +159,9 @@ def test_movies_of_a_killed_copy_are_still_processed(airflow_db, site_env, engin
     with open(big, "wb") as fh:
         for _ in range(12):
             fh.write(os.urandom(16 << 20))
-    db = _db(site_env)
     raw = site_env["gpfs"] / f"{datetime.now().year}" / session / "raw"
     proc = _driver("session_krios2", {"session_name": session, **FORM})
-    _wait_for(
-        "a copy in progress",
-        lambda: (
-            any(raw.rglob(f"*{PARTIAL_SUFFIX}"))
-            and _query(db, "select count(*) from cryoflow_files where state='copying'") == [(1,)]
-        ),
-        proc,
-    )
+    _wait_for("the big file's copy", lambda: any(raw.rglob(f"*zbig*{PARTIAL_SUFFIX}")), proc)
     _kill(proc)
     ledger = Ledger(os.environ["CRYOFLOW_LEDGER_URL"])
     session_id = ledger.find_session("krios2", session).id
@@ -247,7 +253,7 @@ def test_operator_ends_a_session_while_its_watch_waits(airflow_db, site_env, eng
     started = time.monotonic()
     _end_session(session)
     proc.wait(timeout=120)
-    assert proc.returncode == 0, proc.stdout.read()[-3000:]
+    assert proc.returncode == 0, output(proc)[-3000:]
     assert time.monotonic() - started < 60
     ledger = Ledger(os.environ["CRYOFLOW_LEDGER_URL"])
     row = ledger.find_session("krios2", session)
@@ -265,10 +271,10 @@ def test_operator_ends_a_session_while_a_copy_runs(airflow_db, site_env, engines
     db = _db(site_env)
     raw = site_env["gpfs"] / f"{datetime.now().year}" / session / "raw"
     proc = _driver("session_krios2", form)
-    _wait_for("the big copy", lambda: any(raw.rglob(f"*{PARTIAL_SUFFIX}")), proc)
+    _wait_for("the big copy", lambda: any(raw.rglob(f"*zz_big*{PARTIAL_SUFFIX}")), proc)
     _end_session(session)
     proc.wait(timeout=120)
-    assert proc.returncode == 0, proc.stdout.read()[-3000:]
+    assert proc.returncode == 0, output(proc)[-3000:]
     ledger = Ledger(os.environ["CRYOFLOW_LEDGER_URL"])
     row = ledger.find_session("krios2", session)
     assert row.state == "closed" and row.close_reason == "ended by an operator"
@@ -278,3 +284,56 @@ def test_operator_ends_a_session_while_a_copy_runs(airflow_db, site_env, engines
     assert not list(raw.rglob(f"*{PARTIAL_SUFFIX}"))
     _assert_summary_is_the_ledger(_summary(site_env, session), ledger, row.id)
     assert _query(db, "select count(*) from cryoflow_files where state='copying'") == [(0,)]
+
+
+@pytest.fixture
+def pg_ledger(monkeypatch: pytest.MonkeyPatch):
+    """The ledger on a fresh PostgreSQL database, as deployed (dropped afterwards)."""
+    from tests.test_ledger import _postgres_url
+
+    for url in _postgres_url():
+        monkeypatch.setenv("CRYOFLOW_LEDGER_URL", url)
+        yield url
+
+
+def test_ledger_outage_during_the_watch_does_not_end_the_session(
+    airflow_db, site_env, engines, pg_ledger: str
+) -> None:
+    """The ledger on PostgreSQL refuses every connection for a while (a database restart or
+    failover) while the session waits for the microscope: the watch reports, retries, and the
+    session goes on to copy what arrived meanwhile."""
+    from sqlalchemy import create_engine, text
+
+    from tests.test_ledger import PG_ADMIN_URL
+
+    url = pg_ledger
+    database = url.rsplit("/", 1)[1]
+    session = "pg_outage"
+    form = {"session_name": session, **FORM, "motioncor": False, "idle_timeout_minutes": 0.2}
+    proc = _driver("session_krios2", form)
+    ledger = Ledger(url)
+    _wait_for("the session to open", lambda: ledger.find_session("krios2", session), proc)
+    time.sleep(2)  # the watch polls
+    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS false'))
+        conn.execute(
+            text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :d"),
+            {"d": database},
+        )
+    try:
+        share = _simulate(site_env, session, movies=2)  # arrives during the outage
+        time.sleep(6)
+        assert proc.poll() is None, f"the session ended: {output(proc)[-3000:]}"
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS true'))
+        admin.dispose()
+    proc.wait(timeout=180)
+    text_out = output(proc)
+    assert proc.returncode == 0, text_out[-3000:]
+    assert "Watch of" in text_out and "failed" in text_out  # it was reported
+    row = ledger.find_session("krios2", session)
+    assert row.state == "closed" and "idle" in row.close_reason
+    n_files = len(scan_tree(share).files)
+    assert ledger.counts(row.id) == {"verified": n_files}

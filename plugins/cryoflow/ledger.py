@@ -468,38 +468,42 @@ class Ledger:
             select(StageRow.id)
             .where(StageRow.microscope == microscope, StageRow.stage == stage, owed)
             .order_by(StageRow.id)
-            .limit(limit)
         )
         if after is not None:
             upstream = select(StageRow.file_id).where(
                 StageRow.stage == after, StageRow.state == StageState.DONE
             )
             candidates = candidates.where(StageRow.file_id.in_(upstream.scalar_subquery()))
-        with self._tx() as s:
-            ids = list(s.scalars(candidates))
-            if not ids:
-                return []
-            s.execute(
-                update(StageRow)
-                .where(StageRow.id.in_(ids), owed)
-                .values(
-                    state=StageState.SUBMITTED,
-                    claimed_by=claimer,
-                    claimed_at=utcnow(),
-                    job_id=None,
-                    job_dir=None,
-                    array_index=None,
-                    attempts=StageRow.attempts + 1,
+        got: list[tuple[StageRow, FileRow]] = []
+        for _ in range(5):  # another run won some candidates: take the next ones
+            with self._tx() as s:
+                ids = list(s.scalars(candidates.limit(limit - len(got))))
+                if not ids:
+                    break
+                s.execute(
+                    update(StageRow)
+                    .where(StageRow.id.in_(ids), owed)
+                    .values(
+                        state=StageState.SUBMITTED,
+                        claimed_by=claimer,
+                        claimed_at=utcnow(),
+                        job_id=None,
+                        job_dir=None,
+                        array_index=None,
+                        attempts=StageRow.attempts + 1,
+                    )
+                    .execution_options(synchronize_session=False)
                 )
-                .execution_options(synchronize_session=False)
-            )
-            rows = s.execute(
-                select(StageRow, FileRow)
-                .join(FileRow, FileRow.id == StageRow.file_id)
-                .where(StageRow.id.in_(ids), StageRow.claimed_by == claimer)
-                .order_by(StageRow.id)
-            )
-            return [(st, f) for st, f in rows]
+                rows = s.execute(
+                    select(StageRow, FileRow)
+                    .join(FileRow, FileRow.id == StageRow.file_id)
+                    .where(StageRow.id.in_(ids), StageRow.claimed_by == claimer)
+                    .order_by(StageRow.id)
+                )
+                got += [(st, f) for st, f in rows]
+            if len(got) >= limit:
+                break
+        return got
 
     def set_job(self, stage_ids: list[int], job_id: str, job_dir: str) -> None:
         """Record the job that took the claimed rows, index i = stage_ids[i] (durably, before

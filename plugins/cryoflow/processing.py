@@ -73,15 +73,6 @@ def movie_paths(handle: SessionHandle, file_id: int, relpath: str, dest: str) ->
     )
 
 
-def batch_movies(handle: SessionHandle, copied: list[dict[str, Any]]) -> list[MoviePaths]:
-    """The movies among a batch's verified files."""
-    return [
-        movie_paths(handle, item["file_id"], item["relpath"], item["dest"])
-        for item in copied
-        if item.get("kind") == str(FileKind.MOVIE)
-    ]
-
-
 def _dirs(paths: list[Path], mode: int) -> None:
     for p in paths:
         make_dirs(p, mode)

@@ -16,7 +16,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from cryoflow.config import FacilityConfig, MicroscopeConfig
 from cryoflow.ledger import FileState, Ledger
@@ -88,6 +88,14 @@ class SessionParams(BaseModel):
     end_time: str | None = _optional(
         "End time", "ISO date-time at which the session ends; empty = none."
     )
+
+    @field_validator(
+        "source_folder", "project", "unix_group", "sample", "gain_reference", "end_time",
+        mode="before",
+    )  # fmt: skip
+    @classmethod
+    def _empty_is_none(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and not value.strip() else value
 
     @classmethod
     def from_form(cls, values: dict[str, Any]) -> SessionParams:

@@ -1,0 +1,120 @@
+"""Ingest never waits on processing: the clusters' queue held, copying goes on.
+
+MotionCor2's jobs are held in Slurm (`scontrol hold`, partition down: a GPU queue that does
+not move) for longer than three batches of a session. The batches go on copying at the
+microscope's pace; once the jobs are released, every movie is processed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from cryoflow.ledger import FileState, Ledger
+from tests.airflow_helpers import closed_by, load_dag
+from tests.conftest import ROOT
+from tests.test_orchestration_e2e import _driver as driver
+from tests.test_orchestration_e2e import output
+
+pytestmark = [pytest.mark.slow, pytest.mark.services]
+
+
+def _slurm(*args: str) -> str:
+    return subprocess.run(list(args), check=True, capture_output=True, text=True).stdout
+
+
+class _GpuQueueHeld:
+    """Keeps every job of the gpu partition held until released."""
+
+    def __init__(self) -> None:
+        self.held: set[str] = set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def __enter__(self) -> _GpuQueueHeld:
+        _slurm("scontrol", "update", "PartitionName=gpu", "State=DOWN")
+        self._thread.start()
+        return self
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            out = _slurm("squeue", "-h", "-p", "gpu", "-t", "PD", "-o", "%A")
+            for job in set(out.split()) - self.held:
+                subprocess.run(["scontrol", "hold", job], capture_output=True)
+                self.held.add(job)
+            time.sleep(0.2)
+
+    def pending(self) -> set[str]:
+        return set(_slurm("squeue", "-h", "-p", "gpu", "-t", "PD", "-o", "%A").split())
+
+    def release(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        _slurm("scontrol", "update", "PartitionName=gpu", "State=UP")
+        for job in self.held:
+            subprocess.run(["scontrol", "release", job], capture_output=True)
+
+    def __exit__(self, *exc: object) -> None:
+        if not self._stop.is_set():
+            self.release()
+
+
+def test_copying_goes_on_while_processing_jobs_are_held(
+    airflow_db, slurm_site, experiment_group, tmp_path
+) -> None:
+    session = "held_queue"
+    share = slurm_site["share"] / session
+    sim = subprocess.Popen(
+        [sys.executable, "-m", "cryoflow.simulator", "--layout", "serialem", "--out", str(share),
+         "--truth-dir", str(tmp_path / "truth"), "--movies", "6", "--interval", "4",
+         "--write-seconds", "1", "--frames", "8", "--size", "256x256", "--pixel-size", "1.0"],
+        env={**os.environ, "PYTHONPATH": str(ROOT / "plugins")},
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    conf = {"session_name": session, "unix_group": experiment_group, "pixel_size_A": 1.0,
+            "frames": 8, "particle_diameter_A": 40.0, "idle_timeout_minutes": 0.15}  # fmt: skip
+    ledger = Ledger(os.environ["CRYOFLOW_LEDGER_URL"])
+    ingest = load_dag("session_krios2")
+    batches, processing = [], None
+    with _GpuQueueHeld() as queue:
+        # batch 1, then processing starts (its asset event) and submits MotionCor2: held
+        batches.append(ingest.test(run_conf=conf))
+        processing = driver("process_krios2", {})
+        deadline = time.monotonic() + 120
+        while not queue.held:
+            assert processing.poll() is None, output(processing)[-3000:]
+            assert time.monotonic() < deadline, "processing never submitted MotionCor2"
+            time.sleep(0.2)
+        held_at = len(ledger.files(1, FileState.VERIFIED))
+        # the microscope goes on; so does copying, batch after batch, while the job is held
+        while len(batches) < 5 and not closed_by(batches[-1]):
+            batches.append(ingest.test(run_conf=conf))
+        assert queue.pending() >= queue.held, "the held MotionCor2 job should still be pending"
+        copied_while_held = len(ledger.files(1, FileState.VERIFIED)) - held_at
+        assert len(batches) >= 4 and copied_while_held > 0, (len(batches), copied_while_held)
+        queue.release()
+    assert all(str(b.state) == "success" for b in batches)
+    sim.wait(timeout=120)
+    while not closed_by(batches[-1]):
+        batches.append(ingest.test(run_conf=conf))
+    processing.wait(timeout=300)
+    assert "RUN-STATE success" in output(processing), output(processing)[-3000:]
+    # what the held run did not take, later runs do
+    process = load_dag("process_krios2")
+    for _ in range(6):
+        if ledger.owed_count(1, max_attempts=3) == 0:
+            break
+        assert str(process.test().state) == "success"
+    counts = ledger.stage_counts(1)
+    assert counts["motioncor"] == {"done": 6} and counts["ctf"] == {"done": 6}, counts
+    summary = json.loads(
+        next((slurm_site["base"] / "gpfs").rglob("session_summary.json")).read_text()
+    )
+    assert summary["processing_complete"] is True
+    assert summary["processing"] == counts
