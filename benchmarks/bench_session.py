@@ -326,6 +326,9 @@ def run_session(af: Airflow, ctx: dict, name: str, movies: int, interval: float)
     while True:
         time.sleep(5)
         loads.append(os.getloadavg()[0])
+        if sim.poll():
+            tail = (ctx["base"] / f"simulator_{name}.log").read_text()[-2000:]
+            raise RuntimeError(f"simulator exited {sim.returncode}:\n{tail}")
         row = ledger.find_session(SCOPE, name)
         done = (
             sim.poll() is not None
@@ -342,8 +345,6 @@ def run_session(af: Airflow, ctx: dict, name: str, movies: int, interval: float)
         if time.monotonic() > deadline:
             log(f"session {name}: NOT finished after {time.monotonic() - t0:.0f} s; going on")
             break
-    if sim.returncode:
-        log(f"simulator exited {sim.returncode}: see {ctx['base']}/simulator_{name}.log")
     log(f"session {name}: finished in {time.monotonic() - t0:.0f} s")
     return {
         "name": name,
@@ -727,8 +728,8 @@ def part_airflow(args: argparse.Namespace, ctx: dict) -> dict[str, Any]:
     stamp = time.strftime("%H%M%S")
     n400, n1000 = (8, 12) if args.quick else (20, 40)
     sessions = [
-        run_session(af, ctx, f"r400_{stamp}", n400, 9.0),
-        run_session(af, ctx, f"r1000_{stamp}", n1000, 3.6),
+        run_session(af, ctx, f"bench_{stamp}_r400", n400, 9.0),
+        run_session(af, ctx, f"bench_{stamp}_r1000", n1000, 3.6),
     ]
     af.stop()
     results = {}

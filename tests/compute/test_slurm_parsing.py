@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 
 from cryoflow.compute.jobscript import SubmittedJob, TaskStatus
-from cryoflow.hooks.slurm import (
+from cryoflow.compute.slurm import (
     SlurmCommandError,
     SlurmTransientError,
     build_poll_command,

@@ -30,7 +30,8 @@ from cryoflow.compute.jobscript import (
 )
 from cryoflow.compute.local import LocalCompute
 from cryoflow.compute.settings import LocalBackend, SlurmBackend, parse_backend
-from cryoflow.hooks.slurm import SlurmHook, SlurmTransientError
+from cryoflow.compute.slurm import SlurmTransientError
+from cryoflow.hooks.slurm import SlurmHook
 from cryoflow.triggers.slurm_job import EVENT_KEYS, SlurmJobTrigger
 
 if TYPE_CHECKING:

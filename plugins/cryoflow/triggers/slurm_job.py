@@ -21,7 +21,7 @@ from airflow.triggers.base import BaseTrigger, TriggerEvent
 from cryoflow.compute.jobscript import SubmittedJob, TaskStatus
 from cryoflow.compute.local import LocalCompute
 from cryoflow.compute.settings import LocalBackend, SlurmBackend, parse_backend
-from cryoflow.hooks.slurm import (
+from cryoflow.compute.slurm import (
     SlurmTransientError,
     build_cancel_command,
     build_poll_command,
