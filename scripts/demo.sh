@@ -89,12 +89,13 @@ cat <<MSG
 
   Airflow UI:   http://127.0.0.1:$PORT      login: admin / $PASSWORD
   Session DAG:  session_krios1, run ids ${SESSION}__*   (one run per batch of movies)
+  Processing:   process_krios1 (started by each batch; MotionCor2 -> CTFFIND, picking)
   Share:        $DEMO/share/krios1/$SESSION
   GPFS copy:    $DEMO/gpfs/$(date +%Y)/$SESSION/{raw,processed,logs}
   Ledger:       $DEMO/ledger.db (SQLite)
 
   Start another session: DAGs -> session_krios1 -> Trigger, fill in the form.
-  End a session early: mark the running wait_for_files task as "success".
+  End a session now: DAGs -> end_session -> Trigger with krios1 and the session name.
   Ctrl-C stops Airflow and the simulator.
 
 MSG
