@@ -180,8 +180,10 @@ def test_movies_of_a_killed_copy_are_still_processed(airflow_db, site_env, engin
 
 
 def test_killed_processing_run_is_settled_by_the_next_without_doing_anything_twice(
-    airflow_db, site_env, engines
+    airflow_db, site_env, engines, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # claims older than this whose job ended are a dead run's (600 s in production)
+    monkeypatch.setenv("CRYOFLOW_CLAIM_GRACE_SECONDS", "5")
     session = "kill_process"
     _simulate(site_env, session, movies=3)
     runs = run_session(load_dag("session_krios2"), {"session_name": session, **FORM})

@@ -90,7 +90,7 @@ class ProcessingConfig(_Model):
         3, ge=1, le=20, description="Tries per movie and step before it waits for a person."
     )
     claim_grace_seconds: float = Field(
-        600.0, gt=0, description="A claim with no job after this long was left by a dead run."
+        600.0, gt=0, description="A claim this old whose job ended was left by a dead run."
     )
 
 

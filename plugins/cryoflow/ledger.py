@@ -293,18 +293,16 @@ class Ledger:
     def done_files(self, session_id: int, max_attempts: int) -> dict[str, tuple[int, int]]:
         """Files the watcher must not offer again: verified, or failed ``max_attempts`` times
         (those wait for a person; the close summary lists them)."""
+        files = FileRow.__table__.c  # plain columns, no ORM objects: 100,000 rows stay cheap
+        query = select(files.relpath, files.size, files.mtime_ns).where(
+            files.session_id == session_id,
+            or_(
+                files.state == FileState.VERIFIED,
+                (files.state == FileState.FAILED) & (files.attempts >= max_attempts),
+            ),
+        )
         with self._tx() as s:
-            rows = s.execute(
-                select(
-                    FileRow.relpath, FileRow.size, FileRow.mtime_ns, FileRow.state, FileRow.attempts
-                ).where(FileRow.session_id == session_id)
-            )
-            return {
-                rel: (size, mtime)
-                for rel, size, mtime, state, attempts in rows
-                if state == FileState.VERIFIED
-                or (state == FileState.FAILED and attempts >= max_attempts)
-            }
+            return {rel: (size, mtime) for rel, size, mtime in s.execute(query)}
 
     def files(self, session_id: int, state: FileState | None = None) -> list[FileRow]:
         with self._tx() as s:
@@ -469,11 +467,17 @@ class Ledger:
             .where(StageRow.microscope == microscope, StageRow.stage == stage, owed)
             .order_by(StageRow.id)
         )
-        if after is not None:
-            upstream = select(StageRow.file_id).where(
-                StageRow.stage == after, StageRow.state == StageState.DONE
+        if after is not None:  # the movie's own upstream row: a lookup, not a scan
+            up = StageRow.__table__.alias("up")
+            candidates = candidates.where(
+                select(up.c.id)
+                .where(
+                    up.c.file_id == StageRow.file_id,
+                    up.c.stage == after,
+                    up.c.state == StageState.DONE,
+                )
+                .exists()
             )
-            candidates = candidates.where(StageRow.file_id.in_(upstream.scalar_subquery()))
         got: list[tuple[StageRow, FileRow]] = []
         for _ in range(5):  # another run won some candidates: take the next ones
             with self._tx() as s:
@@ -585,9 +589,12 @@ class Ledger:
         with self._tx() as s:
             return list(s.scalars(select(StageRow).where(StageRow.file_id.in_(list(file_ids)))))
 
-    def ctf_table(self, session_id: int) -> list[tuple[int, dict[str, Any], dict[str, Any]]]:
-        """(file id, motioncor results, CTF results) of every movie with both done: one query,
-        no id lists, for the session's micrographs_ctf.star."""
+    def ctf_table(
+        self, session_id: int, file_ids: Iterable[int] | None = None
+    ) -> list[tuple[int, dict[str, Any], dict[str, Any]]]:
+        """(file id, motioncor results, CTF results) of the movies with both done, for the
+        session's micrographs_ctf.star: all of them in one query (a new file), or just the given
+        ones (a processing run appends its batch)."""
         mc = StageRow.__table__.alias("mc")
         ctf = StageRow.__table__.alias("ctf")
         with self._tx() as s:
@@ -600,6 +607,7 @@ class Ledger:
                     mc.c.state == StageState.DONE,
                     ctf.c.stage == "ctf",
                     ctf.c.state == StageState.DONE,
+                    *([mc.c.file_id.in_(list(file_ids))] if file_ids is not None else []),
                 )
                 .order_by(mc.c.file_id)
             )

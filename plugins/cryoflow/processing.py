@@ -352,26 +352,73 @@ def _parse(stage: str, m: MoviePaths, params: SessionParams) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- RELION
 
 
+def _star_rows(root: Path, table: list[tuple[int, dict, dict]]) -> list[dict[str, Any]]:
+    return [
+        {
+            "rlnMicrographName": os.path.relpath(mc["aligned"], root),
+            "rlnOpticsGroup": 1,
+            "rlnCtfImage": os.path.relpath(ctf["diag"], root) + ":mrc",
+            "rlnDefocusU": ctf["defocus1_A"],
+            "rlnDefocusV": ctf["defocus2_A"],
+            "rlnCtfAstigmatism": ctf["astigmatism_A"],
+            "rlnDefocusAngle": ctf["astig_angle_deg"],
+            "rlnCtfFigureOfMerit": ctf["cc"],
+            "rlnCtfMaxResolution": ctf["fit_resolution_A"] or 999.0,
+        }
+        for _file_id, mc, ctf in table
+    ]
+
+
+def _star_loop_lines(rows: list[dict[str, Any]], scratch: Path) -> list[str]:
+    """The data lines starfile writes for ``rows`` (its quoting: names may hold spaces)."""
+    starfile.write({"micrographs": pd.DataFrame(rows)}, scratch, overwrite=True)
+    try:
+        lines = scratch.read_text().splitlines()
+    finally:
+        scratch.unlink(missing_ok=True)
+    last_label = max(i for i, line in enumerate(lines) if line.startswith("_rln"))
+    return [line for line in lines[last_label + 1 :] if line.strip()]
+
+
+def _replace(target: Path, text: str, file_mode: int) -> None:
+    tmp = target.with_name(f".{target.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, file_mode)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    os.chmod(tmp, file_mode)
+    os.replace(tmp, target)
+
+
 def write_micrographs_ctf_star(
-    ledger: Ledger, handle: SessionHandle, params: SessionParams, file_mode: int
+    ledger: Ledger,
+    handle: SessionHandle,
+    params: SessionParams,
+    file_mode: int,
+    new_file_ids: list[int] | None = None,
 ) -> Path | None:
-    """``processed/micrographs_ctf.star`` for RELION 3.1+/CryoSPARC import, written atomically."""
-    rows = []
+    """``processed/micrographs_ctf.star`` for RELION 3.1+/CryoSPARC import, replaced atomically.
+
+    With ``new_file_ids`` (the movies a processing run just finished) their rows are appended to
+    the existing file: the ledger work per batch does not grow with the session. Without, or
+    when there is no file yet, it is written whole from one query.
+    """
     root = Path(handle.dest_root)
-    for _file_id, mc, ctf in ledger.ctf_table(handle.session_id):
-        rows.append(
-            {
-                "rlnMicrographName": os.path.relpath(mc["aligned"], root),
-                "rlnOpticsGroup": 1,
-                "rlnCtfImage": os.path.relpath(ctf["diag"], root) + ":mrc",
-                "rlnDefocusU": ctf["defocus1_A"],
-                "rlnDefocusV": ctf["defocus2_A"],
-                "rlnCtfAstigmatism": ctf["astigmatism_A"],
-                "rlnDefocusAngle": ctf["astig_angle_deg"],
-                "rlnCtfFigureOfMerit": ctf["cc"],
-                "rlnCtfMaxResolution": ctf["fit_resolution_A"] or 999.0,
-            }
-        )
+    target = root / "processed" / "micrographs_ctf.star"
+    if new_file_ids is not None and target.is_file():
+        rows = _star_rows(root, ledger.ctf_table(handle.session_id, new_file_ids))
+        if not rows:
+            return target
+        text = target.read_text()
+        have = set(text.splitlines())
+        lines = [
+            line
+            for line in _star_loop_lines(rows, target.with_name(f".{target.name}.rows"))
+            if line not in have
+        ]
+        if lines:
+            _replace(target, text.rstrip("\n") + "\n" + "\n".join(lines) + "\n", file_mode)
+        return target
+    rows = _star_rows(root, ledger.ctf_table(handle.session_id))
     if not rows:
         return None
     optics = pd.DataFrame(
@@ -387,7 +434,6 @@ def write_micrographs_ctf_star(
             }
         ]
     )
-    target = root / "processed" / "micrographs_ctf.star"
     tmp = target.with_name(f".{target.name}.tmp")
     starfile.write({"optics": optics, "micrographs": pd.DataFrame(rows)}, tmp, overwrite=True)
     os.chmod(tmp, file_mode)

@@ -62,6 +62,7 @@ class ProcessOwedOperator(BaseOperator):
         super().__init__(**kwargs)
         self.microscope_id = microscope_id
         self._touched: set[int] = set()
+        self._new_ctf: dict[int, list[int]] = {}  # session -> movies whose CTF this run did
 
     # -- configuration, sessions -----------------------------------------------------------
 
@@ -119,10 +120,11 @@ class ProcessOwedOperator(BaseOperator):
         for st, f in self.ledger.claimed(self.microscope_id, stage):
             if st.claimed_by == mine:
                 continue
+            claimed = st.claimed_at.replace(tzinfo=st.claimed_at.tzinfo or UTC)
+            if not (st.claimed_by or "").startswith(run_prefix) and now - claimed <= grace:
+                continue  # most likely a live run (max_active_runs > 1) that will record it
             if st.job_id is None:
-                claimed = st.claimed_at.replace(tzinfo=st.claimed_at.tzinfo or UTC)
-                if (st.claimed_by or "").startswith(run_prefix) or now - claimed > grace:
-                    self.ledger.release_stage(st.id, f"claimed by {st.claimed_by}, never submitted")
+                self.ledger.release_stage(st.id, f"claimed by {st.claimed_by}, never submitted")
                 continue
             by_job.setdefault((st.job_id, st.job_dir or ""), []).append((st, f))
         for (job_id, job_dir), rows in by_job.items():
@@ -192,6 +194,7 @@ class ProcessOwedOperator(BaseOperator):
                 by_index.update(zip(idx, argvs, strict=True))
             tasks = [by_index[i] for i in range(len(work))]
         elif stage == "ctf":
+            self._late_metadata(work, movies)
             stdin = []
             for m, p in zip(movies, params, strict=True):
                 t, answers = processing.plan_ctffind(facility, p, [m])
@@ -206,12 +209,27 @@ class ProcessOwedOperator(BaseOperator):
         job = jobs.submit(SOFTWARE[stage], tasks, stdin, self._job_dir(context, jobs, stage))
         self.ledger.set_job([w.stage_id for w in work], job.job_id, job.job_dir)
 
+    def _late_metadata(self, work: list[Work], movies: list[processing.MoviePaths]) -> None:
+        """The mdoc/XML of a movie may land a batch after the movie: record it now."""
+        have = {st.file_id for st in self.ledger.stages(w.file_id for w in work)
+                if st.stage == "acquisition"}  # fmt: skip
+        layout = self.site.microscopes[self.microscope_id].layout
+        for w, m in zip(work, movies, strict=True):
+            if w.file_id not in have:
+                handle, p = self.session(w.session_id)
+                for warning in processing.record_acquisition(self.ledger, handle, [m], layout, p):
+                    self.log.warning("%s", warning)
+
     def _record(
         self, stage: str, work: list[Work], states: dict[str, dict[str, Any]], job: dict
     ) -> None:
         movies, params = self._movies(work)
         ok, problems = processing.record_step(self.ledger, stage, movies, states, job, params)
         self.log.info("%s: %d of %d movie(s) done", stage, len(ok), len(movies))
+        if stage == "ctf":
+            by_file = {w.file_id: w.session_id for w in work}
+            for m in ok:
+                self._new_ctf.setdefault(by_file[m.file_id], []).append(m.file_id)
         for problem in problems:
             self.log.error("%s", problem)
         self._touched.update(w.session_id for w in work)
@@ -295,13 +313,14 @@ class ProcessOwedOperator(BaseOperator):
     # -- the end of a run ------------------------------------------------------------------
 
     def _write_star(self) -> None:
-        for session_id in sorted(self._touched):
+        """Append this run's new CTF results to each session's micrographs_ctf.star."""
+        for session_id, file_ids in sorted(self._new_ctf.items()):
             handle, p = self.session(session_id)
             path = processing.write_micrographs_ctf_star(
-                self.ledger, handle, p, self.site.facility.permissions.file_mode
+                self.ledger, handle, p, self.site.facility.permissions.file_mode, file_ids
             )
-            if path:
-                self.log.info("Session %s: %s", session_id, path)
+            self.log.info("Session %s: %d movie(s) added to %s", session_id, len(file_ids), path)
+        self._new_ctf.clear()
 
     def _finish(self, context: Context) -> dict[str, Any]:
         """Refresh results of touched sessions; a closed session owing nothing gets its final
