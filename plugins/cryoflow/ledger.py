@@ -93,6 +93,7 @@ class FileRow(Base):
     __table_args__ = (
         UniqueConstraint("session_id", "relpath"),
         Index("ix_cryoflow_files_session_kind", "session_id", "kind", "state"),
+        Index("ix_cryoflow_files_session_touched", "session_id", "copy_started_at"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -290,9 +291,12 @@ class Ledger:
             )
             return set(rows)
 
-    def done_files(self, session_id: int, max_attempts: int) -> dict[str, tuple[int, int]]:
+    def done_files(
+        self, session_id: int, max_attempts: int, *, touched_since: datetime | None = None
+    ) -> dict[str, tuple[int, int]]:
         """Files the watcher must not offer again: verified, or failed ``max_attempts`` times
-        (those wait for a person; the close summary lists them)."""
+        (those wait for a person; the close summary lists them). With ``touched_since`` only
+        those whose last copy started since then (an index range: what changed lately)."""
         files = FileRow.__table__.c  # plain columns, no ORM objects: 100,000 rows stay cheap
         query = select(files.relpath, files.size, files.mtime_ns).where(
             files.session_id == session_id,
@@ -301,6 +305,8 @@ class Ledger:
                 (files.state == FileState.FAILED) & (files.attempts >= max_attempts),
             ),
         )
+        if touched_since is not None:
+            query = query.where(files.copy_started_at >= touched_since)
         with self._tx() as s:
             return {rel: (size, mtime) for rel, size, mtime in s.execute(query)}
 
@@ -458,9 +464,9 @@ class Ledger:
         for ``claimer``; ``after`` requires that stage DONE first. One conditional UPDATE, so two
         runs never take the same movie (PostgreSQL re-checks the state under the row lock;
         SQLite serialises writers)."""
-        owed = or_(
-            StageRow.state == StageState.PENDING,
-            (StageRow.state == StageState.FAILED) & (StageRow.attempts < max_attempts),
+        # IN on the indexed state first (done rows, the bulk, are never read), then attempts
+        owed = StageRow.state.in_((StageState.PENDING, StageState.FAILED)) & or_(
+            StageRow.state == StageState.PENDING, StageRow.attempts < max_attempts
         )
         candidates = (
             select(StageRow.id)
@@ -602,12 +608,14 @@ class Ledger:
                 select(mc.c.file_id, mc.c.results, ctf.c.results)
                 .join(ctf, ctf.c.file_id == mc.c.file_id)
                 .where(
-                    mc.c.session_id == session_id,
+                    # the batch's movies by their ids (unique index file_id, stage), or the session
+                    ctf.c.file_id.in_(list(file_ids))
+                    if file_ids is not None
+                    else mc.c.session_id == session_id,
                     mc.c.stage == "motioncor",
                     mc.c.state == StageState.DONE,
                     ctf.c.stage == "ctf",
                     ctf.c.state == StageState.DONE,
-                    *([mc.c.file_id.in_(list(file_ids))] if file_ids is not None else []),
                 )
                 .order_by(mc.c.file_id)
             )

@@ -142,3 +142,38 @@ def test_already_copied_files_are_not_offered(tmp_path: Path) -> None:
     ledger.mark_verified(fid, checksum="x", dest_path="/d/done.tif", copy_seconds=0)
     (event,) = asyncio.run(_events(trigger))
     assert event["status"] == "ended"
+
+
+def test_done_files_are_read_once_then_only_what_changed(tmp_path: Path) -> None:
+    """Later batches of a session read only recently copied rows, not the whole session."""
+    from datetime import UTC, datetime, timedelta
+
+    from sqlalchemy import update
+
+    from cryoflow.ledger import FileRow, get_engine
+    from cryoflow.triggers.share_watch import DoneFilesCache
+
+    url = f"sqlite:///{tmp_path}/ledger.db"
+    ledger = Ledger(url)
+    sid = ledger.open_session("k1", "s", dest_root="/d", source_root="/s", params={})
+
+    def verify(name: str) -> int:
+        fid, _ = ledger.begin_copy(sid, name, kind="movie", size=1, mtime_ns=1, batch="b")
+        ledger.mark_verified(fid, checksum="x", dest_path=f"/d/{name}", copy_seconds=0)
+        return fid
+
+    old = verify("old.tif")
+    with get_engine(url).begin() as conn:  # copied two hours ago
+        two_hours_ago = datetime.now(UTC) - timedelta(hours=2)
+        conn.execute(update(FileRow).where(FileRow.id == old).values(copy_started_at=two_hours_ago))
+    cache = DoneFilesCache()
+    assert cache.get(ledger, sid, 3) == {"old.tif": (1, 1)}
+    # a row the cache has read long ago is not read again: change it behind the cache's back...
+    with get_engine(url).begin() as conn:
+        conn.execute(update(FileRow).where(FileRow.id == old).values(size=99))
+    verify("new.tif")
+    # ...the later read brings the new row (copied since) and not the old one
+    later = cache.get(ledger, sid, 3)
+    assert later == {"old.tif": (1, 1), "new.tif": (1, 1)}
+    fresh = DoneFilesCache().get(ledger, sid, 3)
+    assert fresh["old.tif"] == (99, 1)  # a new triggerer process reads everything

@@ -10,17 +10,60 @@ watch reports them and tries again with backoff.
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
-from cryoflow.ledger import Ledger
+from cryoflow.ledger import Ledger, utcnow
 from cryoflow.share.scan import StabilityTracker
 from cryoflow.share.watch import Outcome, ShareWatch, WatchSettings
+
+
+class DoneFilesCache:
+    """The done files of recent sessions, kept in the triggerer between batch runs.
+
+    A batch's watch must know which of the share's files are done. Reading the whole list
+    from the ledger at every batch would grow with the session; instead the first watch of a
+    session (in this process) reads it once and each later one reads only the rows whose copy
+    started since the last read (less a margin for a copy that was still running), through an
+    index. An entry that later went stale only matters if the file changed on the share, and
+    then its size or mtime differs and it is offered again anyway.
+    """
+
+    MARGIN = timedelta(minutes=30)
+
+    def __init__(self, max_sessions: int = 64) -> None:
+        self.max_sessions = max_sessions
+        self._entries: OrderedDict[tuple[str, int], tuple[dict, datetime]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, ledger: Ledger, session_id: int, max_attempts: int) -> dict:
+        key = (ledger.url, session_id)
+        now = utcnow()
+        with self._lock:
+            cached = self._entries.get(key)
+        if cached is None:
+            done = ledger.done_files(session_id, max_attempts)
+        else:
+            done, read_at = cached
+            done.update(
+                ledger.done_files(session_id, max_attempts, touched_since=read_at - self.MARGIN)
+            )
+        with self._lock:
+            self._entries[key] = (done, now)
+            self._entries.move_to_end(key)
+            while len(self._entries) > self.max_sessions:
+                self._entries.popitem(last=False)
+        return done
+
+
+DONE_FILES = DoneFilesCache()
 
 
 class ShareWatchTrigger(BaseTrigger):
@@ -91,7 +134,7 @@ class ShareWatchTrigger(BaseTrigger):
 
     def _start(self) -> ShareWatch:
         ledger = Ledger(self.ledger_url)
-        done = ledger.done_files(self.session_id, self.max_attempts)
+        done = DONE_FILES.get(ledger, self.session_id, self.max_attempts)
         now = time.monotonic()
         settings = self._settings()
         tracker = StabilityTracker.restore(
