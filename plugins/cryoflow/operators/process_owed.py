@@ -294,6 +294,7 @@ class ProcessOwedOperator(BaseOperator):
             self._claim_downstream(context)
         if stage == "ctf":
             self._write_star()
+            self._claim_picking(context)
         return self._wait(context)
 
     def _run(self, context: Context) -> dict[str, Any]:
@@ -305,10 +306,18 @@ class ProcessOwedOperator(BaseOperator):
         return self._wait(context)
 
     def _claim_downstream(self, context: Context) -> None:
-        for stage in ("ctf", "picking"):  # CTF first: it is what people look at first
-            work = self._claim(context, stage, after="motioncor")
-            if work:
-                self._submit(context, stage, work)
+        """CTF first, alone: it is the result people look at first, and picking would share
+        the CPU nodes with it; picking follows when the CTF array has ended."""
+        work = self._claim(context, "ctf", after="motioncor")
+        if work:
+            self._submit(context, "ctf", work)
+        else:
+            self._claim_picking(context)
+
+    def _claim_picking(self, context: Context) -> None:
+        work = self._claim(context, "picking", after="motioncor")
+        if work:
+            self._submit(context, "picking", work)
 
     # -- the end of a run ------------------------------------------------------------------
 
