@@ -201,6 +201,7 @@ class ProcessOwedOperator(BaseOperator):
                 tasks += t
                 stdin += answers
         else:
+            self._late_metadata(work, movies)
             for m, p in zip(movies, params, strict=True):
                 tasks += processing.plan_dogpicker(facility, p, [m])
         for m, argv in zip(movies, tasks, strict=True):
