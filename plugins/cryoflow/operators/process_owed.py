@@ -25,7 +25,7 @@ from cryoflow import processing
 from cryoflow.compute.jobscript import SubmittedJob, TaskStatus
 from cryoflow.compute.settings import parse_backend
 from cryoflow.config import load_site
-from cryoflow.ledger import FileRow, Ledger, StageRow, StageState
+from cryoflow.ledger import FileRow, Ledger, StageRow
 from cryoflow.operators.compute_job import ArrayJobs, _safe, statuses_from_event
 from cryoflow.session import SessionHandle, SessionParams, write_summary
 from cryoflow.steps import STAGES
@@ -85,10 +85,17 @@ class ProcessOwedOperator(BaseOperator):
             self._sessions[session_id] = (handle, SessionParams.model_validate(row.params))
         return self._sessions[session_id]
 
+    @cached_property
+    def _backends(self) -> dict[str, ArrayJobs]:
+        return {}
+
     def jobs(self, stage: str) -> ArrayJobs:
+        """The step's backend; one client (one SSH connection) per backend and process."""
         facility = self.site.facility
         name = facility.software[SOFTWARE[stage]].backend
-        return ArrayJobs(parse_backend(facility.compute[name]), self.log)
+        if name not in self._backends:
+            self._backends[name] = ArrayJobs(parse_backend(facility.compute[name]), self.log)
+        return self._backends[name]
 
     def _movies(self, work: list[Work]) -> tuple[list[processing.MoviePaths], list[SessionParams]]:
         movies, params = [], []
@@ -355,4 +362,4 @@ class ProcessOwedOperator(BaseOperator):
         self.log.info("Killed: the next processing run settles this run's claims")
 
 
-__all__ = ["ProcessOwedOperator", "StageState"]
+__all__ = ["ProcessOwedOperator"]
