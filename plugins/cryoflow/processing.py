@@ -306,15 +306,6 @@ def record_step(
     return ok, problems
 
 
-def outputs_done(stage: str, m: MoviePaths, params: SessionParams) -> dict[str, Any] | None:
-    """The step's results when its outputs are already there and parse (else None): a movie
-    whose job finished after its run died is recorded, not processed twice."""
-    try:
-        return _parse(stage, m, params)
-    except (ValueError, OSError):
-        return None
-
-
 def _parse(stage: str, m: MoviePaths, params: SessionParams) -> dict[str, Any]:
     if stage == "motioncor":
         log = motioncor_tool.parse_shift_log(
