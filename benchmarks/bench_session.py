@@ -577,7 +577,7 @@ def ledger_batch(url: str, n: int, reps: int = 3) -> dict[str, float]:
             DONE_FILES.get(ledger, sid, MAX_ATTEMPTS)
         for k in range(10):
             with timed("begin_copy x10"):
-                fid, _ = ledger.begin_copy(
+                fid, *_ = ledger.begin_copy(
                     sid,
                     f"new_{rep}_{k}.tif",
                     kind="movie",

@@ -7,7 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from cryoflow.config import ConfigError, config_dir, expand_env, load_site
+from cryoflow.compute.jobscript import DEFAULT_DIR_MODE, DEFAULT_FILE_MODE
+from cryoflow.config import (
+    ConfigError,
+    PermissionsConfig,
+    config_dir,
+    expand_env,
+    load_facility,
+    load_site,
+)
 
 SHIPPED = Path(__file__).resolve().parents[1] / "config"
 
@@ -106,3 +114,85 @@ def test_duplicate_and_missing_microscopes(tmp_path: Path) -> None:
         load_site(cfg)
     with pytest.raises(ConfigError, match="facility.yaml: cannot read"):
         load_site(tmp_path / "nowhere")
+
+
+# --------------------------------------------------------------------------- permission modes
+
+
+def _facility_with(tmp_path: Path, permissions: str) -> Path:
+    """The shipped facility file with its ``permissions`` block replaced by ``permissions``."""
+    text = (SHIPPED / "facility.yaml").read_text()
+    start = text.index("permissions:\n")
+    end = text.index("\n\n", start)
+    path = tmp_path / "facility.yaml"
+    path.write_text(text[:start] + "permissions:\n" + permissions + text[end:])
+    return path
+
+
+@pytest.mark.parametrize(
+    ("dir_mode", "file_mode"),
+    [
+        ("2770", "640"),  # YAML integers, which YAML 1.1 reads as decimal 2770 and 640
+        ('"2770"', '"0640"'),
+        ("02770", "0640"),  # YAML 1.1 octal: the ints 1528 and 416
+        ('"02770"', "'640'"),
+        ('"0o2770"', '"0o640"'),
+        ("0o2770", "0o640"),  # YAML 1.1 strings
+        ('" 2770 "', "0o0640"),
+    ],
+)
+def test_a_mode_means_octal_however_it_is_spelled(
+    tmp_path: Path, dir_mode: str, file_mode: str
+) -> None:
+    path = _facility_with(tmp_path, f"  dir_mode: {dir_mode}\n  file_mode: {file_mode}\n")
+    permissions = load_facility(path).permissions
+    assert (permissions.dir_mode, permissions.file_mode) == (0o2770, 0o640)
+    assert type(permissions.dir_mode) is int
+
+
+def test_mode_from_the_environment_and_other_integers_are_untouched(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CF_TEST_DIR_MODE", "2750")
+    path = _facility_with(tmp_path, "  dir_mode: ${CF_TEST_DIR_MODE}\n")
+    facility = load_facility(path)
+    assert facility.permissions.dir_mode == 0o2750
+    assert facility.permissions.file_mode == DEFAULT_FILE_MODE == 0o640
+    assert (facility.transfer.chunk_mib, type(facility.transfer.chunk_mib)) == (8, int)
+    assert facility.processing.batch_max_movies == 200  # decimal, as written
+
+
+def test_modes_given_from_python_are_taken_as_they_are() -> None:
+    assert PermissionsConfig(file_mode=0o600, dir_mode=0o2700).file_mode == 0o600
+    assert PermissionsConfig().dir_mode == DEFAULT_DIR_MODE == 0o2770
+    with pytest.raises(ValueError, match=r"0o5322 grants world access \(o\+w\)"):
+        PermissionsConfig(dir_mode=2770)  # decimal 2770 is 0o5322
+
+
+@pytest.mark.parametrize(
+    ("permissions", "expected"),
+    [
+        ("  dir_mode: 2777\n", "permissions.dir_mode: 2777 (as written) grants world access"),
+        ('  dir_mode: "2775"\n', "permissions.dir_mode: 2775 (as written) grants world access"),
+        ("  dir_mode: 02771\n", "permissions.dir_mode: 02771 (as written) grants world access"),
+        ("  file_mode: 0644\n", "permissions.file_mode: 0644 (as written) grants world access"),
+        ("  file_mode: 642\n", "permissions.file_mode: 642 (as written) grants world access"),
+        ("  file_mode: 0o240\n", "permissions.file_mode: 0o240 (as written) denies the owner"),
+        ("  file_mode: 240\n", "permissions.file_mode: 240 (as written) denies the owner read"),
+        ("  dir_mode: 2670\n", "permissions.dir_mode: 2670 (as written) denies the owner"),
+        ("  dir_mode: 2790\n", "permissions.dir_mode: 2790 (as written) is not an octal mode"),
+        ("  dir_mode: 0x5c8\n", "permissions.dir_mode: 0x5c8 (as written) is not an octal"),
+        ("  dir_mode: rwxrws---\n", "permissions.dir_mode: rwxrws--- (as written) is not an"),
+        ("  dir_mode: 12770\n", "permissions.dir_mode: 12770 (as written) is out of range"),
+    ],
+)
+def test_a_refused_mode_is_named_with_its_key_and_shown_as_written(
+    tmp_path: Path, permissions: str, expected: str
+) -> None:
+    path = _facility_with(tmp_path, permissions)
+    with pytest.raises(ConfigError) as info:
+        load_facility(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: 1 invalid setting(s)")
+    assert expected in message
+    assert "given:" not in message and "Value error" not in message  # said once, as written

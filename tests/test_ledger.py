@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -64,41 +65,72 @@ def test_session_is_opened_once_and_reopened_after_close(ledger: Ledger) -> None
 
 def test_file_lifecycle_and_idempotence(ledger: Ledger) -> None:
     sid = _open(ledger)
-    fid, already = ledger.begin_copy(
+    fid, already, version, _ = ledger.begin_copy(
         sid, "a b/ü.tif", kind="movie", size=10, mtime_ns=5, batch="r1"
     )
-    assert not already
+    assert not already and version == 1
     assert ledger.done_files(sid, max_attempts=3) == {}
     ledger.mark_verified(fid, checksum="ab" * 16, dest_path="/gpfs/x", copy_seconds=0.1)
     assert ledger.done_files(sid, 3) == {"a b/ü.tif": (10, 5)}
-    assert ledger.begin_copy(sid, "a b/ü.tif", kind="movie", size=10, mtime_ns=5, batch="r2") == (
-        fid,
-        True,
-    )
-    # the same path with new content is a new copy of the same row
-    fid2, already = ledger.begin_copy(
-        sid, "a b/ü.tif", kind="movie", size=11, mtime_ns=6, batch="r3"
-    )
-    assert (fid2, already) == (fid, False)
-    assert ledger.counts(sid) == {"copying": 1}
+    again = ledger.begin_copy(sid, "a b/ü.tif", kind="movie", size=10, mtime_ns=5, batch="r2")
+    assert (again.file_id, again.already) == (fid, True)
+    # the same path with new content after verification: a second version, the first is kept
+    v2 = ledger.begin_copy(sid, "a b/ü.tif", kind="movie", size=11, mtime_ns=6, batch="r3")
+    assert (v2.already, v2.version, v2.replaces) == (False, 2, "/gpfs/x")
+    assert v2.file_id != fid
+    assert ledger.counts(sid) == {"copying": 1, "verified": 1}
+    # while version 2 copies, the watch's cache learns that the relpath is no longer done
+    since = datetime.now(UTC) - timedelta(minutes=1)
+    assert ledger.done_files(sid, 3, touched_since=since) == {"a b/ü.tif": None}
 
 
-def test_failures_count_attempts_but_changing_sources_do_not(ledger: Ledger) -> None:
+def test_names_that_are_not_utf8_are_stored_losslessly(ledger: Ledger) -> None:
     sid = _open(ledger)
+    names = ["raw\udcff\udcfe.tif", "back\\slash.tif", "new\nline.tif", "x" * 251 + ".tif"]
+    for name in names:
+        fid = ledger.begin_copy(sid, name, kind="movie", size=1, mtime_ns=1, batch="r").file_id
+        ledger.mark_verified(fid, checksum="c", dest_path=f"/gpfs/{name}", copy_seconds=0)
+    assert set(ledger.done_files(sid, 3)) == set(names)
+    assert {f.dest_path for f in ledger.files(sid)} == {f"/gpfs/{n}" for n in names}
+
+
+def test_failures_back_off_and_only_permanent_ones_give_up(ledger: Ledger) -> None:
+    sid = _open(ledger)
+    soon = datetime.now(UTC) + timedelta(minutes=5)
     for _ in range(3):
-        fid, _ = ledger.begin_copy(sid, "bad.tif", kind="movie", size=1, mtime_ns=1, batch="r")
-        ledger.mark_failed(fid, "Permission denied")
-    assert "bad.tif" in ledger.done_files(sid, max_attempts=3)
+        fid, *_ = ledger.begin_copy(sid, "bad.tif", kind="movie", size=1, mtime_ns=1, batch="r")
+        ledger.mark_failed(fid, "checksum mismatch", transient=False, retry_after=soon)
+    for _ in range(4):
+        fid, *_ = ledger.begin_copy(sid, "full.tif", kind="movie", size=1, mtime_ns=1, batch="r")
+        ledger.mark_failed(fid, "No space left [ENOSPC]", transient=True, retry_after=soon)
+    done = ledger.done_files(sid, max_attempts=3)
+    assert "bad.tif" in done and "full.tif" not in done  # a transient fault never gives up
+    assert set(ledger.backing_off(sid)) == {"bad.tif", "full.tif"}
+    assert ledger.backing_off(sid, now=soon + timedelta(seconds=1)) == {}
     for _ in range(5):
-        fid, _ = ledger.begin_copy(sid, "slow.tif", kind="movie", size=1, mtime_ns=1, batch="r")
+        fid, *_ = ledger.begin_copy(sid, "slow.tif", kind="movie", size=1, mtime_ns=1, batch="r")
         ledger.release(fid, "still changing")
     assert "slow.tif" not in ledger.done_files(sid, max_attempts=3)
-    assert [f.relpath for f in ledger.files(sid, FileState.FAILED)] == ["bad.tif", "slow.tif"]
+    failed = [f.relpath for f in ledger.files(sid, FileState.FAILED)]
+    assert failed == ["bad.tif", "full.tif", "slow.tif"]
+    # a new trigger of the session offers again what waited for a person
+    assert ledger.offer_again(sid) == 3
+    assert "bad.tif" not in ledger.done_files(sid, max_attempts=3)
+
+
+def test_incomplete_files_are_done_until_they_change(ledger: Ledger) -> None:
+    sid = _open(ledger)
+    ledger.mark_incomplete(sid, "m.tif", kind="movie", size=9, mtime_ns=2, reason="3 of 40")
+    assert ledger.done_files(sid, 3) == {"m.tif": (9, 2)}
+    (row,) = ledger.still_owed(sid)
+    assert (row.state, row.error) == (FileState.INCOMPLETE, "3 of 40")
+    fid = ledger.begin_copy(sid, "m.tif", kind="movie", size=12, mtime_ns=3, batch="r").file_id
+    assert fid == row.id  # the same row, now copying (its writer came back)
 
 
 def test_stage_results_are_recorded_per_file(ledger: Ledger) -> None:
     sid = _open(ledger)
-    fid, _ = ledger.begin_copy(sid, "m.tif", kind="movie", size=1, mtime_ns=1, batch="r")
+    fid, *_ = ledger.begin_copy(sid, "m.tif", kind="movie", size=1, mtime_ns=1, batch="r")
     ledger.record_stage(fid, "ctf", StageState.SUBMITTED, job_id="42", array_index=0)
     ledger.record_stage(fid, "ctf", StageState.DONE, results={"defocus1_A": 12000.5})
     assert ledger.stage_counts(sid) == {"ctf": {"done": 1}}
@@ -110,7 +142,7 @@ def test_stage_results_are_recorded_per_file(ledger: Ledger) -> None:
 def _verified_movies(ledger: Ledger, sid: int, n: int, owe=("motioncor",)) -> list[int]:
     ids = []
     for i in range(n):
-        fid, _ = ledger.begin_copy(sid, f"m{i}.tif", kind="movie", size=1, mtime_ns=1, batch="r")
+        fid, *_ = ledger.begin_copy(sid, f"m{i}.tif", kind="movie", size=1, mtime_ns=1, batch="r")
         ledger.mark_verified(fid, checksum="c", dest_path=f"/g/m{i}.tif", copy_seconds=0, owe=owe)
         ids.append(fid)
     return ids
@@ -176,7 +208,9 @@ def test_two_runs_claiming_at_once_never_share_a_movie(ledger: Ledger) -> None:
 def test_star_rows_and_gain_come_from_single_queries(ledger: Ledger) -> None:
     sid = _open(ledger)
     fids = _verified_movies(ledger, sid, 3)
-    gain, _ = ledger.begin_copy(sid, "g.gain", kind="gain_reference", size=1, mtime_ns=1, batch="r")
+    gain, *_ = ledger.begin_copy(
+        sid, "g.gain", kind="gain_reference", size=1, mtime_ns=1, batch="r"
+    )
     ledger.mark_verified(gain, checksum="g", dest_path="/g/g.gain", copy_seconds=0)
     for fid in fids[:2]:
         ledger.record_stage(fid, "motioncor", StageState.DONE, results={"aligned": "a"})

@@ -17,7 +17,7 @@ PARAMS = SessionParams(
 
 
 def _done(ledger: Ledger, sid: int, root: Path, name: str, defocus: float) -> int:
-    fid, _ = ledger.begin_copy(sid, name, kind="movie", size=1, mtime_ns=1, batch="b")
+    fid = ledger.begin_copy(sid, name, kind="movie", size=1, mtime_ns=1, batch="b").file_id
     ledger.mark_verified(fid, checksum="c", dest_path=str(root / "raw" / name), copy_seconds=0)
     aligned = str(root / "processed" / "motioncor" / f"{name}.mrc")
     ledger.record_stage(fid, "motioncor", StageState.DONE, results={"aligned": aligned})

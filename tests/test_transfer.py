@@ -9,9 +9,9 @@ import pytest
 import xxhash
 
 from cryoflow.transfer import (
+    DestinationTakenError,
     SourceChangedError,
     copy_verified,
-    file_checksum,
     partial_path,
 )
 
@@ -50,15 +50,26 @@ def test_second_copy_of_identical_file_copies_nothing(tmp_path: Path) -> None:
     assert dst.stat().st_ino == inode  # the verified file was not rewritten
 
 
-def test_different_file_at_destination_is_replaced(tmp_path: Path) -> None:
+def test_different_file_at_destination_is_never_overwritten(tmp_path: Path) -> None:
     src = _write(tmp_path / "a.mrc", 50_000, seed=1)
     dst = _write(tmp_path / "out" / "a.mrc", 50_000, seed=2)
+    before = dst.read_bytes()
     os.utime(
         dst, ns=(src.stat().st_atime_ns, src.stat().st_mtime_ns)
     )  # same size+mtime, other bytes
-    result = copy_verified(src, dst)
-    assert result.copied
-    assert file_checksum(dst) == file_checksum(src)
+    with pytest.raises(DestinationTakenError, match="a.mrc"):
+        copy_verified(src, dst)
+    assert dst.read_bytes() == before
+    assert sorted(p.name for p in dst.parent.iterdir()) == ["a.mrc"]  # no partial left
+
+
+def test_a_255_byte_name_copies(tmp_path: Path) -> None:
+    name = "m" * 250 + ".tiff"
+    src = _write(tmp_path / "in" / name, 10_000)
+    dst = tmp_path / "out" / name
+    copy_verified(src, dst)
+    assert dst.read_bytes() == src.read_bytes()
+    assert len(partial_path(dst).name.encode()) < 64
 
 
 def test_leftover_partial_from_a_killed_copy_is_overwritten(tmp_path: Path) -> None:

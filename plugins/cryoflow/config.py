@@ -14,8 +14,18 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
+from cryoflow.compute.jobscript import DEFAULT_DIR_MODE, DEFAULT_FILE_MODE
 from cryoflow.compute.settings import ComputeBackend
 from cryoflow.share.layout import Layout
 
@@ -46,28 +56,70 @@ class StorageConfig(_Model):
 
 
 class PermissionsConfig(_Model):
-    dir_mode: int = Field(0o2770, description="Session directories: setgid, group rwx, no world.")
-    file_mode: int = Field(0o0640, description="Copied files: owner rw, group r, no world.")
+    dir_mode: int = Field(
+        DEFAULT_DIR_MODE, description="Session folders and all below: setgid, group rwx, no world."
+    )
+    file_mode: int = Field(
+        DEFAULT_FILE_MODE, description="Copied and processed files: owner rw, group r, no world."
+    )
     acl: Literal["auto", "off", "required"] = Field(
         "auto", description="Collaborator ACLs: 'auto' applies them where the filesystem can."
     )
 
     @field_validator("dir_mode", "file_mode", mode="before")
     @classmethod
-    def _octal(cls, value: Any) -> int:
-        if isinstance(value, str):
-            try:
-                return int(value, 8)
-            except ValueError as exc:
-                raise ValueError(f"not an octal mode: {value!r}") from exc
-        return value
+    def _mode(cls, value: Any, info: ValidationInfo) -> int:
+        return parse_mode(value, folder=info.field_name == "dir_mode")
 
-    @field_validator("dir_mode", "file_mode")
-    @classmethod
-    def _no_world(cls, value: int) -> int:
-        if value & 0o007:
-            raise ValueError(f"mode {value:o} grants world access; experiment data must not")
-        return value
+
+#: Error type of a refused mode: its message already shows the value as written.
+MODE_ERROR = "permission_mode"
+_NEED = {True: (0o700, "read, write and search"), False: (0o400, "read")}
+
+
+def parse_mode(value: Any, *, folder: bool) -> int:
+    """A permission mode from config: always octal, however the YAML spelled it.
+
+    ``2770``, ``"2770"``, ``02770``, ``"0o2770"`` and ``0o2770`` all mean ``0o2770``: text
+    (strings, and integers as written in the file, see :class:`_SourceInt`) is read as octal.
+    A plain ``int`` passed from Python (``0o640``) is taken as it is. Refused: a mode that
+    grants the world anything, or denies the owner (the service account) what it needs: read
+    for files; read, write and search for folders it fills.
+    """
+    if isinstance(value, _SourceInt | str):
+        written = value.text if isinstance(value, _SourceInt) else value.strip()
+        shown = f"{written or repr(value)} (as written)"
+        try:
+            mode = int(written, 8)
+        except ValueError:
+            raise _mode_error("{shown} is not an octal mode such as 2770 or 0640", shown) from None
+    elif isinstance(value, int) and not isinstance(value, bool):
+        mode, shown = value, oct(value)
+    else:
+        raise _mode_error("{shown} is not an octal mode such as 2770 or 0640", repr(value))
+    if not 0 <= mode <= 0o7777:
+        raise _mode_error("{shown} is out of range for a mode (0 to 7777)", shown)
+    if mode & 0o007:
+        world = "".join(c for bit, c in ((4, "r"), (2, "w"), (1, "x")) if mode & bit)
+        raise _mode_error(
+            "{shown} grants world access (o+{world}); experiment data must not",
+            shown,
+            world=world,
+        )
+    need, what = _NEED[folder]
+    if mode & need != need:
+        kind = "folders" if folder else "files"
+        raise _mode_error(
+            "{shown} denies the owner {what}; the pipeline could not use its own {kind}",
+            shown,
+            what=what,
+            kind=kind,
+        )
+    return mode
+
+
+def _mode_error(template: str, shown: str, **context: str) -> PydanticCustomError:
+    return PydanticCustomError(MODE_ERROR, template, {"shown": shown, **context})
 
 
 class TransferConfig(_Model):
@@ -79,6 +131,26 @@ class TransferConfig(_Model):
     batch_max_files: int = Field(200, ge=1, le=1024, description="Most files in one batch run.")
     batch_window_seconds: float = Field(
         60.0, ge=0, description="Wait this long after the first ready file to fill a batch."
+    )
+    streams: int = Field(4, ge=1, le=64, description="Files copied in parallel within a batch.")
+    incomplete_after_seconds: float = Field(
+        600.0,
+        gt=0,
+        description="A file still incomplete (by its format) after this long unchanged is "
+        "reported incomplete: its writer stopped for good.",
+    )
+    retry_seconds: float = Field(
+        10.0, gt=0, description="First wait before a failed copy is tried again (doubles)."
+    )
+    retry_max_seconds: float = Field(
+        300.0, gt=0, description="Longest wait between two tries of a failed copy."
+    )
+    max_attempts: int = Field(
+        5,
+        ge=1,
+        le=100,
+        description="Tries of a copy that failed for a reason other than a transient fault "
+        "(those never give up) before it waits for a person.",
     )
 
 
@@ -214,13 +286,43 @@ def expand_env(value: Any, *, where: str = "") -> Any:
     return value
 
 
+class _SourceInt(int):
+    """A YAML integer that remembers how it was written.
+
+    YAML 1.1 reads ``2770`` as decimal and ``02770`` as octal, so the number alone cannot tell
+    what a person meant by a mode; :func:`parse_mode` reads ``text`` instead. Everywhere else it
+    is the plain int (pydantic turns it into one).
+    """
+
+    text: str
+
+    def __new__(cls, value: int, text: str) -> _SourceInt:
+        obj = super().__new__(cls, value)
+        obj.text = text
+        return obj
+
+    def __getnewargs__(self) -> tuple[int, str]:  # copy/pickle keep the text
+        return int(self), self.text
+
+
+class _Loader(yaml.SafeLoader):
+    """yaml.safe_load's loader, except that integers keep their source text."""
+
+
+def _construct_int(loader: _Loader, node: yaml.ScalarNode) -> _SourceInt:
+    return _SourceInt(loader.construct_yaml_int(node), node.value)
+
+
+_Loader.add_constructor("tag:yaml.org,2002:int", _construct_int)
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read ({exc.strerror})") from exc
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_Loader)  # a SafeLoader: builds plain data only
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
     if not isinstance(data, dict):
@@ -236,7 +338,11 @@ def _format_validation(path: Path, exc: ValidationError) -> str:
     for err in exc.errors():
         key = ".".join(str(p) for p in err["loc"]) or "(top level)"
         given = err.get("input")
-        shown = "" if isinstance(given, dict | list) or given is None else f" (given: {given!r})"
+        shown = (
+            ""
+            if isinstance(given, dict | list) or given is None or err["type"] == MODE_ERROR
+            else f" (given: {given!r})"
+        )
         lines.append(f"  {key}: {err['msg']}{shown}")
     return "\n".join(lines)
 

@@ -15,7 +15,7 @@ import enum
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import (
     JSON,
@@ -38,6 +38,9 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+from sqlalchemy.types import TypeDecorator
+
+from cryoflow.names import from_text, to_text
 
 
 def _values(enum_cls: type[enum.Enum]) -> list[str]:
@@ -52,10 +55,24 @@ class Base(DeclarativeBase):
     pass
 
 
+class FsName(TypeDecorator[str]):
+    """A file-system name or path as text, lossless for names that are not valid UTF-8."""
+
+    impl = Text
+    cache_ok = True
+
+    def process_bind_param(self, value: str | None, dialect: Any) -> str | None:
+        return None if value is None else to_text(value)
+
+    def process_result_value(self, value: str | None, dialect: Any) -> str | None:
+        return None if value is None else from_text(value)
+
+
 class FileState(enum.StrEnum):
     COPYING = "copying"
     VERIFIED = "verified"
-    FAILED = "failed"
+    FAILED = "failed"  # owed: offered again after ``retry_after`` (see ``done_files``)
+    INCOMPLETE = "incomplete"  # its writer stopped before the file was whole: not copied
 
 
 class StageState(enum.StrEnum):
@@ -91,25 +108,33 @@ class SessionRow(Base):
 class FileRow(Base):
     __tablename__ = "cryoflow_files"
     __table_args__ = (
-        UniqueConstraint("session_id", "relpath"),
+        UniqueConstraint("session_id", "relpath", "version"),
         Index("ix_cryoflow_files_session_kind", "session_id", "kind", "state"),
         Index("ix_cryoflow_files_session_touched", "session_id", "copy_started_at"),
+        Index("ix_cryoflow_files_session_state", "session_id", "state"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     session_id: Mapped[int] = mapped_column(ForeignKey("cryoflow_sessions.id"), index=True)
-    relpath: Mapped[str] = mapped_column(Text)
+    relpath: Mapped[str] = mapped_column(FsName)
+    # A source that changed after it was verified is copied again beside the first copy (never
+    # over it): version 2, 3 ... of the same relpath, each with its own row and destination.
+    version: Mapped[int] = mapped_column(Integer, default=1)
     kind: Mapped[str] = mapped_column(String(32))
     size: Mapped[int] = mapped_column(BigInteger)
     mtime_ns: Mapped[int] = mapped_column(BigInteger)
     checksum: Mapped[str | None] = mapped_column(String(64))
-    dest_path: Mapped[str | None] = mapped_column(Text)
+    dest_path: Mapped[str | None] = mapped_column(FsName)
     state: Mapped[FileState] = mapped_column(
         Enum(FileState, native_enum=False, length=16, values_callable=_values)
     )
     batch: Mapped[str | None] = mapped_column(String(250))
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     error: Mapped[str | None] = mapped_column(Text)
+    # A failure is "transient" (disk full, read-only, share away: never gives up) or not (counts
+    # towards transfer.max_attempts); either way the file is offered again after retry_after.
+    transient: Mapped[bool] = mapped_column(default=False)
+    retry_after: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     ready_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     copy_started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     verified_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
@@ -165,6 +190,18 @@ def get_engine(url: str) -> Engine:
         Base.metadata.create_all(engine)
         _ENGINES[url] = engine
     return engine
+
+
+class CopyClaim(NamedTuple):
+    file_id: int
+    already: bool  # verified before with the same size and mtime: nothing to copy
+    version: int
+    replaces: str | None  # destination of the earlier, different verified copy (kept)
+
+
+def _aware(when: datetime) -> datetime:
+    """SQLite hands back naive datetimes; all ledger times are UTC."""
+    return when if when.tzinfo else when.replace(tzinfo=UTC)
 
 
 class Ledger:
@@ -282,33 +319,65 @@ class Ledger:
 
     # ----------------------------------------------------------------- files
 
-    def verified_relpaths(self, session_id: int) -> set[str]:
-        with self._tx() as s:
-            rows = s.scalars(
-                select(FileRow.relpath).where(
-                    FileRow.session_id == session_id, FileRow.state == FileState.VERIFIED
-                )
-            )
-            return set(rows)
-
     def done_files(
         self, session_id: int, max_attempts: int, *, touched_since: datetime | None = None
-    ) -> dict[str, tuple[int, int]]:
-        """Files the watcher must not offer again: verified, or failed ``max_attempts`` times
-        (those wait for a person; the close summary lists them). With ``touched_since`` only
-        those whose last copy started since then (an index range: what changed lately)."""
+    ) -> dict[str, tuple[int, int] | None]:
+        """Files the watcher must not offer again unless they change on the share: verified,
+        reported incomplete, or failed ``max_attempts`` times for a reason that is not transient
+        (those wait for a person; the summary lists them), as relpath -> (size, mtime_ns).
+
+        With ``touched_since``, only the rows whose last copy started since then (an index
+        range: what changed lately), and those no longer done map to None (a person offered
+        them again), so a cache of the first answer can be kept exact."""
         files = FileRow.__table__.c  # plain columns, no ORM objects: 100,000 rows stay cheap
-        query = select(files.relpath, files.size, files.mtime_ns).where(
-            files.session_id == session_id,
-            or_(
-                files.state == FileState.VERIFIED,
-                (files.state == FileState.FAILED) & (files.attempts >= max_attempts),
-            ),
+        done = or_(
+            files.state.in_([FileState.VERIFIED, FileState.INCOMPLETE]),
+            (files.state == FileState.FAILED)
+            & (files.attempts >= max_attempts)
+            & files.transient.is_(False),
         )
+        query = select(files.relpath, files.size, files.mtime_ns, done.label("done"))
+        query = query.where(files.session_id == session_id)
         if touched_since is not None:
             query = query.where(files.copy_started_at >= touched_since)
+        else:
+            query = query.where(done)
+        with self._tx() as s:  # by version: the latest copy of a relpath speaks last
+            rows = s.execute(query.order_by(files.version, files.id))
+            return {rel: (size, mtime) if ok else None for rel, size, mtime, ok in rows}
+
+    def offer_again(self, session_id: int) -> int:
+        """A new trigger of a session offers again what waits for a person: copies that used
+        up their attempts and files reported incomplete (a form that expected more frames)."""
         with self._tx() as s:
-            return {rel: (size, mtime) for rel, size, mtime in s.execute(query)}
+            result = s.execute(
+                update(FileRow)
+                .where(
+                    FileRow.session_id == session_id,
+                    FileRow.state.in_([FileState.FAILED, FileState.INCOMPLETE]),
+                )
+                .values(
+                    state=FileState.FAILED,
+                    attempts=0,
+                    transient=True,
+                    retry_after=None,
+                    copy_started_at=utcnow(),
+                )
+            )
+            return result.rowcount or 0
+
+    def backing_off(self, session_id: int, now: datetime | None = None) -> dict[str, datetime]:
+        """Failed files still owed, with the time before which they are not offered again."""
+        files = FileRow.__table__.c
+        with self._tx() as s:
+            rows = s.execute(
+                select(files.relpath, files.retry_after).where(
+                    files.session_id == session_id,
+                    files.state == FileState.FAILED,
+                    files.retry_after > (now or utcnow()),
+                )
+            )
+            return {rel: _aware(when) for rel, when in rows}
 
     def files(self, session_id: int, state: FileState | None = None) -> list[FileRow]:
         with self._tx() as s:
@@ -327,24 +396,35 @@ class Ledger:
         mtime_ns: int,
         batch: str,
         ready_at: datetime | None = None,
-    ) -> tuple[int, bool]:
-        """Record that a copy starts; returns (file id, already verified with the same content)."""
+    ) -> CopyClaim:
+        """Record that a copy starts. A relpath verified before with other content starts a new
+        version (its own row and destination): a verified copy is never overwritten."""
         with self._tx() as s:
             row = s.scalar(
-                select(FileRow).where(FileRow.session_id == session_id, FileRow.relpath == relpath)
+                select(FileRow)
+                .where(FileRow.session_id == session_id, FileRow.relpath == relpath)
+                .order_by(FileRow.version.desc())
+                .limit(1)
             )
+            replaces = None
+            if row is not None and row.state == FileState.VERIFIED:
+                if row.size == size and row.mtime_ns == mtime_ns:
+                    return CopyClaim(row.id, True, row.version, None)
+                replaces = row.dest_path
+                version = row.version + 1
+                row = None
+            else:
+                version = row.version if row is not None else 1
             if row is None:
-                row = FileRow(session_id=session_id, relpath=relpath, attempts=0)
+                row = FileRow(session_id=session_id, relpath=relpath, version=version, attempts=0)
                 s.add(row)
-            elif row.state == FileState.VERIFIED and row.size == size and row.mtime_ns == mtime_ns:
-                return row.id, True
             row.kind, row.size, row.mtime_ns, row.batch = kind, size, mtime_ns, batch
-            row.state, row.error = FileState.COPYING, None
+            row.state, row.error, row.retry_after = FileState.COPYING, None, None
             row.attempts = (row.attempts or 0) + 1
             row.ready_at = row.ready_at or ready_at
             row.copy_started_at = utcnow()
             s.flush()
-            return row.id, False
+            return CopyClaim(row.id, False, row.version, replaces)
 
     def mark_verified(
         self,
@@ -361,6 +441,7 @@ class Ledger:
             row = s.get(FileRow, file_id)
             row.state, row.checksum, row.dest_path = FileState.VERIFIED, checksum, dest_path
             row.verified_at, row.copy_seconds, row.error = utcnow(), copy_seconds, None
+            row.transient, row.retry_after = False, None
             self._owe(s, row, owe)
 
     @staticmethod
@@ -385,17 +466,61 @@ class Ledger:
             elif row.state != StageState.DONE:
                 row.state, row.claimed_by, row.job_id = StageState.PENDING, None, None
 
-    def mark_failed(self, file_id: int, error: str) -> None:
+    def attempts(self, file_id: int) -> int:
+        with self._tx() as s:
+            return s.scalar(select(FileRow.attempts).where(FileRow.id == file_id)) or 0
+
+    def mark_failed(
+        self, file_id: int, error: str, *, transient: bool, retry_after: datetime
+    ) -> None:
+        """The copy failed; the file stays owed and is offered again after ``retry_after``."""
         with self._tx() as s:
             row = s.get(FileRow, file_id)
             row.state, row.error = FileState.FAILED, error[:4000]
+            row.transient, row.retry_after = transient, retry_after
 
     def release(self, file_id: int, note: str) -> None:
         """The source was still changing: not an attempt that counts, offer it again later."""
         with self._tx() as s:
             row = s.get(FileRow, file_id)
-            row.state, row.error = FileState.FAILED, note[:4000]
+            row.state, row.error, row.transient = FileState.FAILED, note[:4000], True
             row.attempts = max(0, (row.attempts or 1) - 1)
+
+    def mark_incomplete(
+        self, session_id: int, relpath: str, *, kind: str, size: int, mtime_ns: int, reason: str
+    ) -> int:
+        """Its writer stopped before the file was whole (a crash on the microscope PC): kept
+        out of processing and reported; offered again only if the file changes."""
+        with self._tx() as s:
+            row = s.scalar(
+                select(FileRow)
+                .where(FileRow.session_id == session_id, FileRow.relpath == relpath)
+                .order_by(FileRow.version.desc())
+                .limit(1)
+            )
+            if row is None or row.state == FileState.VERIFIED:
+                version = row.version + 1 if row is not None else 1
+                row = FileRow(session_id=session_id, relpath=relpath, version=version, attempts=0)
+                s.add(row)
+            row.kind, row.size, row.mtime_ns = kind, size, mtime_ns
+            row.state, row.error, row.retry_after = FileState.INCOMPLETE, reason[:4000], None
+            row.copy_started_at = utcnow()  # the watch's cache reads what changed since
+            s.flush()
+            return row.id
+
+    def still_owed(self, session_id: int) -> list[FileRow]:
+        """Files not verified: failing (with why and when next), incomplete, or mid-copy."""
+        with self._tx() as s:
+            return list(
+                s.scalars(
+                    select(FileRow)
+                    .where(
+                        FileRow.session_id == session_id,
+                        FileRow.state != FileState.VERIFIED,
+                    )
+                    .order_by(FileRow.id)
+                )
+            )
 
     def counts(self, session_id: int) -> dict[str, int]:
         with self._tx() as s:

@@ -24,6 +24,7 @@ import tifffile
 
 from cryoflow.config import FacilityConfig
 from cryoflow.ledger import Ledger, StageState
+from cryoflow.names import portable
 from cryoflow.session import SessionHandle, SessionParams
 from cryoflow.share.layout import FileKind, Layout, metadata_for_movie
 from cryoflow.share.metadata import MetadataError, read_movie_metadata
@@ -56,8 +57,10 @@ class MoviePaths:
 
 
 def movie_paths(handle: SessionHandle, file_id: int, relpath: str, dest: str) -> MoviePaths:
-    rel = PurePosixPath(relpath)
-    stem = PurePosixPath(rel.name).stem  # SerialEM names hold dots: cut the extension only
+    rel = PurePosixPath(portable(relpath))
+    # The copy's name, not the source's: a second version (name.v2.tiff) gets its own outputs.
+    name = portable(PurePosixPath(dest).name) if dest else rel.name
+    stem = PurePosixPath(name).stem  # SerialEM names hold dots: cut the extension only
     sub = rel.parent.as_posix()
     processed = Path(handle.dest_root) / "processed"
     mc = processed / "motioncor" / sub
@@ -122,7 +125,11 @@ def record_acquisition(
 
 
 def gain_reference(
-    ledger: Ledger, handle: SessionHandle, params: SessionParams, dir_mode: int
+    ledger: Ledger,
+    handle: SessionHandle,
+    params: SessionParams,
+    dir_mode: int,
+    file_mode: int = 0o640,
 ) -> Path | None:
     """The session's newest verified gain reference on GPFS, matching the form's pattern if set.
 
@@ -146,6 +153,7 @@ def gain_reference(
         tmp = out.with_name(f".{out.name}.tmp")
         with mrcfile.new(tmp, overwrite=True) as mrc:
             mrc.set_data(tifffile.imread(gain).astype(np.float32))
+        os.chmod(tmp, file_mode)
         os.replace(tmp, out)
     return out
 
@@ -164,7 +172,7 @@ def plan_motioncor(
     for m in movies:
         fm_int = None
         if m.movie.suffix.lower() == ".eer":
-            fm_int = _eer_fractions_file(m, params)
+            fm_int = _eer_fractions_file(m, params, facility.permissions.file_mode)
         p = motioncor_tool.MotionCor2Params(
             movie=m.movie,
             out_mrc=m.aligned,
@@ -191,14 +199,14 @@ def _frame_shape(movie: Path) -> tuple[int, int] | None:
         return None
 
 
-def _eer_fractions_file(m: MoviePaths, params: SessionParams) -> Path:
+def _eer_fractions_file(m: MoviePaths, params: SessionParams, file_mode: int) -> Path:
     """-FmIntFile grouping the EER's raw frames into the form's number of fractions."""
     with tifffile.TiffFile(m.movie) as tif:
         n_raw = len(tif.pages)
     group = max(1, n_raw // params.frames)
     dose_raw = params.dose_per_frame * params.frames / n_raw
     path = m.mc_log_dir / f"{m.aligned.stem}_fmint.txt"
-    path.write_text(motioncor_tool.fm_int_file_text(n_raw, group, dose_raw))
+    _replace(path, motioncor_tool.fm_int_file_text(n_raw, group, dose_raw), file_mode)
     return path
 
 

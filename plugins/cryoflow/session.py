@@ -11,6 +11,7 @@ import logging
 import os
 import re
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -20,11 +21,17 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from cryoflow.config import FacilityConfig, MicroscopeConfig
 from cryoflow.ledger import FileState, Ledger
+from cryoflow.names import from_text, shown, to_text
 from cryoflow.session_tree import SessionPaths, create_session_tree, resolve_gid
 from cryoflow.share.layout import classify
 from cryoflow.share.scan import UnsafePathError, resolve_in, safe_relpath
 from cryoflow.steps import Switches, first_steps
-from cryoflow.transfer import SourceChangedError, TransferError, copy_verified
+from cryoflow.transfer import (
+    DestinationTakenError,
+    SourceChangedError,
+    TransferError,
+    copy_verified,
+)
 
 log = logging.getLogger(__name__)
 
@@ -235,6 +242,8 @@ def open_session(
         collaborators=params.collaborators,
         acl=facility.permissions.acl,
     )
+    if reopen and (again := ledger.offer_again(session_id)):
+        notes.append(f"{again} file(s) that failed or were incomplete are offered again")
     deadline = row.opened_at.replace(tzinfo=row.opened_at.tzinfo or UTC) + timedelta(
         hours=params.max_hours
     )
@@ -255,7 +264,67 @@ class BatchReport:
     retry_later: list[str]
 
     def to_dict(self) -> dict[str, Any]:
-        return self.__dict__.copy()
+        return {k: [_jsonable(v) for v in vs] for k, vs in self.__dict__.items()}
+
+
+def _jsonable(value: Any) -> Any:
+    """XCom is JSON: names that are not UTF-8 go in the ledger's lossless text form."""
+    if isinstance(value, str):
+        return to_text(value)
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    return value
+
+
+NAME_MAX = 255
+
+
+def versioned(path: Path, version: int) -> Path:
+    """``name.v2.tiff`` beside ``name.tiff``: the n-th different copy of one source (the stem is
+    shortened when the name would pass the 255-byte limit)."""
+    if version <= 1:
+        return path
+    suffix, tag = path.suffix, f".v{version}"
+    stem = os.fsencode(path.name[: len(path.name) - len(suffix)])
+    room = NAME_MAX - len(os.fsencode(tag + suffix))
+    return path.with_name(os.fsdecode(stem[:room]) + tag + suffix)
+
+
+def _retry_at(facility: FacilityConfig, attempts: int) -> datetime:
+    t = facility.transfer
+    delay = min(t.retry_max_seconds, t.retry_seconds * 2 ** max(0, min(attempts - 1, 20)))
+    return datetime.now(UTC) + timedelta(seconds=delay)
+
+
+def ingest_event(
+    facility: FacilityConfig,
+    scope: MicroscopeConfig,
+    handle: SessionHandle,
+    event: dict[str, Any],
+    batch: str,
+    switches: Switches,
+) -> BatchReport:
+    """What one watch event asks for: record the files whose writer gave up before they were
+    whole, then copy the finished ones."""
+    ledger = Ledger(facility.storage.ledger_url)
+    for item in event.get("incomplete", []):
+        rel = from_text(item["relpath"])
+        ledger.mark_incomplete(
+            handle.session_id,
+            rel,
+            kind=str(classify(rel, scope.layout)),
+            size=item["size"],
+            mtime_ns=item["mtime_ns"],
+            reason=item["why"],
+        )
+        log.error(
+            "INCOMPLETE %s: %s. Its writer stopped before the file was whole: not copied, not "
+            "processed; offered again if it changes on the share or the session is triggered "
+            "again",
+            shown(rel), item["why"],
+        )  # fmt: skip
+    files = event.get("files", []) if event.get("status") == "ready" else []
+    return transfer_batch(facility, scope, handle, files, batch, switches)
 
 
 def transfer_batch(
@@ -266,77 +335,118 @@ def transfer_batch(
     batch: str,
     switches: Switches,
 ) -> BatchReport:
-    """Copy a batch to ``<session>/raw``, each file verified; one bad file never stops the rest.
+    """Copy a batch to ``<session>/raw`` with ``transfer.streams`` files in flight, each verified;
+    one bad file never stops the rest.
 
     A verified movie owes its processing steps from the moment it is verified (same ledger
-    transaction), whatever happens to this run afterwards.
+    transaction), whatever happens to this run afterwards. A failed copy stays owed: it is
+    offered again after a backoff, forever for a transient fault (disk full, read-only, share
+    away), up to ``transfer.max_attempts`` tries for any other.
     """
-    ledger = Ledger(facility.storage.ledger_url)
-    source_root, raw = Path(handle.source_root), Path(handle.dest_root) / "raw"
     report = BatchReport(copied=[], skipped=[], failed=[], retry_later=[])
-    chunk = facility.transfer.chunk_mib << 20
-    for item in files:
-        rel = item["relpath"]
-        try:
-            src = resolve_in(source_root, rel)
-            dst = raw / safe_relpath(rel)
-        except UnsafePathError as exc:
-            report.failed.append({"relpath": rel, "error": str(exc)})
-            continue
-        kind = str(classify(rel, scope.layout))
-        file_id, already = ledger.begin_copy(
-            handle.session_id,
-            rel,
-            kind=kind,
-            size=item["size"],
-            mtime_ns=item["mtime_ns"],
-            batch=batch,
-            ready_at=datetime.fromisoformat(item["ready_at"]) if item.get("ready_at") else None,
+    if not files:
+        return report
+    streams = max(1, min(facility.transfer.streams, len(files)))
+    with ThreadPoolExecutor(streams, thread_name_prefix="copy") as pool:
+        outcomes = pool.map(
+            lambda item: _transfer_one(facility, scope, handle, item, batch, switches), files
         )
-        if already and dst.exists():
-            report.skipped.append(rel)
-            continue
-        started = time.monotonic()
-        try:
-            result = copy_verified(
-                src,
-                dst,
-                file_mode=facility.permissions.file_mode,
-                dir_mode=facility.permissions.dir_mode,
-                chunk_bytes=chunk,
-                expected=(item["size"], item["mtime_ns"]),
-            )
-        except SourceChangedError as exc:
-            ledger.release(file_id, str(exc))
-            report.retry_later.append(rel)
-            log.info("%s", exc)
-            continue
-        except (TransferError, OSError) as exc:
-            ledger.mark_failed(file_id, str(exc))
-            report.failed.append({"relpath": rel, "error": str(exc)})
-            log.error("FAILED %s: %s", rel, exc)
-            continue
-        seconds = time.monotonic() - started
-        ledger.mark_verified(
-            file_id,
-            checksum=result.checksum,
-            dest_path=str(dst),
-            copy_seconds=seconds,
-            owe=first_steps(switches, kind),
-        )
-        mb = result.size / 1e6
-        if result.copied:
-            log.info(
-                "copied %s (%.1f MB, %.0f MB/s, xxh3 %s)",
-                rel,
-                mb,
-                mb / max(seconds, 1e-6),
-                result.checksum,
-            )
-        else:
-            log.info("already in place and identical: %s", rel)
-        report.copied.append({"relpath": rel, "file_id": file_id, "kind": kind, "dest": str(dst)})
+        for bucket, entry in outcomes:
+            getattr(report, bucket).append(entry)
     return report
+
+
+def _transfer_one(
+    facility: FacilityConfig,
+    scope: MicroscopeConfig,
+    handle: SessionHandle,
+    item: dict[str, Any],
+    batch: str,
+    switches: Switches,
+) -> tuple[str, Any]:
+    """One file of a batch: (report bucket, entry). Never raises for a file's own trouble."""
+    ledger = Ledger(facility.storage.ledger_url)
+    rel = from_text(item["relpath"])
+    try:
+        src = resolve_in(Path(handle.source_root), rel)
+        dst = Path(handle.dest_root) / "raw" / safe_relpath(rel)
+    except UnsafePathError as exc:
+        return "failed", {"relpath": rel, "error": shown(exc)}
+    kind = str(classify(rel, scope.layout))
+    claim = ledger.begin_copy(
+        handle.session_id,
+        rel,
+        kind=kind,
+        size=item["size"],
+        mtime_ns=item["mtime_ns"],
+        batch=batch,
+        ready_at=datetime.fromisoformat(item["ready_at"]) if item.get("ready_at") else None,
+    )
+    if claim.already and dst.exists():
+        return "skipped", rel
+    version = claim.version
+    started = time.monotonic()
+    try:
+        while True:
+            target = versioned(dst, version)
+            try:
+                result = copy_verified(
+                    src,
+                    target,
+                    file_mode=facility.permissions.file_mode,
+                    dir_mode=facility.permissions.dir_mode,
+                    chunk_bytes=facility.transfer.chunk_mib << 20,
+                    expected=(item["size"], item["mtime_ns"]),
+                )
+                break
+            except DestinationTakenError as exc:  # not in the ledger: kept, copy goes beside
+                log.warning("%s", shown(exc))
+                version += 1
+    except SourceChangedError as exc:
+        ledger.release(claim.file_id, str(exc))
+        log.info("%s", shown(exc))
+        return "retry_later", rel
+    except TransferError as exc:
+        attempts = ledger.attempts(claim.file_id)
+        ledger.mark_failed(
+            claim.file_id,
+            shown(exc),
+            transient=exc.transient,
+            retry_after=_retry_at(facility, attempts),
+        )
+        if exc.transient:
+            why = "transient fault: offered again, however long it takes"
+        else:
+            tries = facility.transfer.max_attempts
+            why = f"try {attempts} of {tries}" + (
+                ", now waits for a person" if attempts >= tries else ", offered again"
+            )
+        log.error("FAILED %s (%s): %s", shown(rel), why, shown(exc))
+        return "failed", {"relpath": rel, "error": shown(exc)}
+    seconds = time.monotonic() - started
+    ledger.mark_verified(
+        claim.file_id,
+        checksum=result.checksum,
+        dest_path=str(target),
+        copy_seconds=seconds,
+        owe=first_steps(switches, kind),
+    )
+    mb = result.size / 1e6
+    if claim.replaces is not None or target != dst:
+        log.warning(
+            "%s changed on the share after it was verified: the new content is copied to %s, "
+            "the earlier copy %s is kept",
+            shown(rel), shown(target), shown(claim.replaces or dst),
+        )  # fmt: skip
+    if result.copied:
+        log.info(
+            "copied %s (%.1f MB, %.0f MB/s, xxh3 %s)",
+            shown(rel), mb, mb / max(seconds, 1e-6), result.checksum,
+        )  # fmt: skip
+    else:
+        log.info("already in place and identical: %s", shown(rel))
+    entry = {"relpath": rel, "file_id": claim.file_id, "kind": kind, "dest": str(target)}
+    return "copied", entry
 
 
 def close_session(
@@ -367,9 +477,20 @@ def write_summary(
         "processing_complete": owed == 0,
         "steps_owed": owed,
         "files": ledger.counts(session_id),
-        "failed": [
-            {"relpath": f.relpath, "error": f.error}
-            for f in ledger.files(session_id, FileState.FAILED)
+        # Not verified (yet): each with why, and for a failing copy whether it still retries.
+        "not_copied": [
+            {
+                "relpath": to_text(f.relpath),
+                "state": str(f.state),
+                "why": f.error,
+                "attempts": f.attempts,
+                "transient": f.transient,
+                "next_try": f.retry_after.isoformat() if f.retry_after else None,
+                "waits_for_a_person": f.state == FileState.FAILED
+                and not f.transient
+                and f.attempts >= facility.transfer.max_attempts,
+            }
+            for f in ledger.still_owed(session_id)
         ],
         "processing": ledger.stage_counts(session_id),
     }

@@ -10,6 +10,7 @@ source is only ever opened for reading.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,13 +20,44 @@ import xxhash
 CHECKSUM_ALGORITHM = "xxh3_128"
 PARTIAL_SUFFIX = ".cryoflow-partial"
 
+# Faults that clear by themselves or by a person freeing space, remounting or reconnecting: the
+# file stays owed and is tried again, however long it takes; it never uses up its attempts.
+TRANSIENT_ERRNOS = frozenset(
+    getattr(errno, name)
+    for name in (
+        "ENOSPC", "EDQUOT", "EROFS", "EACCES", "EPERM", "ESTALE", "ENOENT", "EIO", "EAGAIN",
+        "EBUSY", "ETIMEDOUT", "ENOTCONN", "ECONNRESET", "ECONNABORTED", "EHOSTDOWN",
+        "EHOSTUNREACH", "ENETDOWN", "ENETUNREACH", "ENODEV", "ENXIO", "EINTR",
+    )
+    if hasattr(errno, name)
+)  # fmt: skip
+
 
 class TransferError(RuntimeError):
-    """The copy did not produce a verified file; the message names source and destination."""
+    """The copy did not produce a verified file; the message names source, destination and, for
+    a system error, the errno."""
+
+    def __init__(self, message: str, errno_: int | None = None) -> None:
+        super().__init__(message)
+        self.errno = errno_
+
+    @property
+    def transient(self) -> bool:
+        return self.errno in TRANSIENT_ERRNOS
+
+    @classmethod
+    def of(cls, exc: OSError, src: Path, dst: Path, doing: str) -> TransferError:
+        code = errno.errorcode.get(exc.errno or 0, str(exc.errno))
+        why = exc.strerror or str(exc)
+        return cls(f"{doing} {src} -> {dst}: {why} [{code}]", exc.errno)
 
 
 class SourceChangedError(TransferError):
     """The source changed while it was being copied (the microscope was still writing it)."""
+
+
+class DestinationTakenError(TransferError):
+    """The final name already holds a different file; it is never overwritten."""
 
 
 @dataclass(frozen=True)
@@ -37,8 +69,11 @@ class CopyResult:
 
 
 def partial_path(dst: Path) -> Path:
-    """The temporary name used while copying; hidden, so scanners and users ignore it."""
-    return dst.with_name(f".{dst.name}{PARTIAL_SUFFIX}")
+    """The temporary name used while copying: hidden (scanners and users ignore it), short (a
+    255-byte name must still fit) and the same for every try (a retry overwrites what a killed
+    copy left, nothing piles up)."""
+    digest = xxhash.xxh64(os.fsencode(dst.name)).hexdigest()
+    return dst.with_name(f".{digest}{PARTIAL_SUFFIX}")
 
 
 def file_checksum(path: Path, chunk_bytes: int = 8 << 20, drop_cache: bool = False) -> str:
@@ -80,9 +115,21 @@ def copy_verified(
     source no longer matches, the microscope is still writing and nothing is copied.
     """
     try:
-        before = src.stat()
+        return _copy_verified(src, dst, file_mode, dir_mode, gid, chunk_bytes, expected)
     except OSError as exc:
-        raise TransferError(f"{src}: cannot read source ({exc.strerror})") from exc
+        raise TransferError.of(exc, src, dst, "copy") from exc
+
+
+def _copy_verified(
+    src: Path,
+    dst: Path,
+    file_mode: int,
+    dir_mode: int,
+    gid: int | None,
+    chunk_bytes: int,
+    expected: tuple[int, int] | None,
+) -> CopyResult:
+    before = src.stat()
     if expected is not None and (before.st_size, before.st_mtime_ns) != expected:
         raise SourceChangedError(f"{src}: changed since it was found complete; will retry")
 
@@ -120,13 +167,30 @@ def copy_verified(
         os.utime(tmp, ns=(after.st_atime_ns, after.st_mtime_ns))
         checksum = hasher.hexdigest()
         _verify(tmp, size, checksum)  # before the rename: a final name only ever holds good data
-        os.replace(tmp, dst)
+        _rename_no_clobber(tmp, dst)
         _fsync_dir(dst.parent)
     except BaseException:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
     return CopyResult(size=size, mtime_ns=before.st_mtime_ns, checksum=checksum, copied=True)
+
+
+def _rename_no_clobber(tmp: Path, dst: Path) -> None:
+    """Give ``tmp`` its final name unless that name exists (a hard link is atomic and refuses
+    to replace; a filesystem without links falls back to a checked rename)."""
+    try:
+        os.link(tmp, dst)
+    except FileExistsError:
+        raise DestinationTakenError(f"{dst}: already holds a different file; kept") from None
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
+            raise
+        if dst.exists():
+            raise DestinationTakenError(f"{dst}: already holds a different file; kept") from None
+        os.rename(tmp, dst)
+        return
+    tmp.unlink()
 
 
 def make_dirs(directory: Path, mode: int) -> None:

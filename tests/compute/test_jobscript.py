@@ -3,23 +3,41 @@
 from __future__ import annotations
 
 import os
+import stat
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from cryoflow.compute.jobscript import JobLayout, build_array_script, slurm_directives
+from cryoflow.compute.jobscript import (
+    JobLayout,
+    build_array_script,
+    job_umask,
+    script_modes,
+    slurm_directives,
+)
 from cryoflow.compute.settings import parse_backend
 
 HOSTILE = "mov $(touch pwned_marker) `touch pwned_marker2`.tif"
 
 
-def _run_task(script: Path, index: int, job_id: str = "77") -> subprocess.CompletedProcess[str]:
+def _run_task(
+    script: Path, index: int, job_id: str = "77", umask: int = -1
+) -> subprocess.CompletedProcess[str]:
     """Run one array task the way Slurm would: the script with the array variables set."""
     env = {**os.environ, "SLURM_ARRAY_TASK_ID": str(index), "SLURM_ARRAY_JOB_ID": job_id}
     return subprocess.run(
-        ["/bin/bash", str(script)], env=env, capture_output=True, text=True, check=False
+        ["/bin/bash", str(script)],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+        umask=umask,
     )
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
 
 
 def _write(tmp_path: Path, **kwargs) -> tuple[JobLayout, Path]:
@@ -114,6 +132,38 @@ def test_sbatch_header_carries_the_backend_settings(tmp_path: Path) -> None:
         assert f"#SBATCH {option}" in header
 
 
+TOOL = 'printf x >out.txt && mkdir -p made && echo "$CRYOFLOW_FILE_MODE $CRYOFLOW_DIR_MODE"'
+
+
+def test_outputs_get_the_facility_modes_whatever_umask_the_job_came_with(tmp_path: Path) -> None:
+    layout, script = _write(tmp_path, tasks=[["sh", "-c", TOOL]])
+    logs = Path(layout.logs_dir)
+    logs.mkdir()
+    for name in ("77_0.out", "77_0.err"):  # Slurm opens them before the script runs
+        (logs / name).touch()
+        os.chmod(logs / name, 0o644)
+
+    done = _run_task(script, 0, umask=0o022)  # what a 0644/0755 default would give
+
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "0640 2770\n"  # exported for the built-in engines
+    assert _mode(tmp_path / "out.txt") == 0o640
+    assert _mode(tmp_path / "made") == 0o750  # no world; one umask cannot also give g+w
+    assert _mode(Path(layout.exit_dir)) == 0o2770
+    assert _mode(Path(layout.exit_file("77", 0))) == 0o640
+    assert [_mode(logs / name) for name in ("77_0.out", "77_0.err")] == [0o640, 0o640]
+
+
+def test_group_writable_modes_give_a_group_writable_umask(tmp_path: Path) -> None:
+    layout, script = _write(tmp_path, tasks=[["sh", "-c", TOOL]], file_mode=0o660, dir_mode=0o2770)
+    done = _run_task(script, 0, umask=0o022)
+    assert done.stdout == "0660 2770\n"
+    assert (_mode(tmp_path / "out.txt"), _mode(tmp_path / "made")) == (0o660, 0o770)
+    assert script_modes(script.read_text()) == (0o660, 0o2770)
+    assert job_umask(0o640, 0o2770) == 0o027
+    assert job_umask(0o600, 0o2700) == 0o077
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
@@ -125,6 +175,8 @@ def test_sbatch_header_carries_the_backend_settings(tmp_path: Path) -> None:
         ({"tasks": [["true"]], "stdin": ["a", "b"]}, "2 stdin texts for 1 tasks"),
         ({"tasks": [["true"]], "env": {"BAD-NAME": "x"}}, "'BAD-NAME' is invalid"),
         ({"tasks": [["true"]], "sbatch": ["partition=gpu"]}, "must be one '--option=value'"),
+        ({"tasks": [["true"]], "file_mode": "0640"}, "file_mode must be a mode"),
+        ({"tasks": [["true"]], "dir_mode": 0o12770}, "dir_mode must be a mode"),
     ],
 )
 def test_bad_input_is_rejected_with_the_reason(tmp_path: Path, kwargs: dict, message: str) -> None:

@@ -219,7 +219,7 @@ def test_unreadable_or_vanishing_entries_are_reported_not_fatal(
     assert set(result.files) == {"ok.tif"}
     assert sorted(result.errors) == [
         "gone.tif: No such file or directory",
-        "locked/: Permission denied",
+        "locked: Permission denied",
     ]
 
 

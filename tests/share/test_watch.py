@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from cryoflow.share.completeness import Completeness, Verdict
 from cryoflow.share.watch import ShareWatch, WatchSettings
 
 
@@ -21,19 +22,19 @@ def _settings(root: Path, **kw) -> WatchSettings:
 
 
 def test_batch_is_offered_once_files_settle(tmp_path: Path) -> None:
-    (tmp_path / "a.tif").write_bytes(b"1")
-    (tmp_path / "b.tif").write_bytes(b"2")
+    (tmp_path / "a.dat").write_bytes(b"1")
+    (tmp_path / "b.dat").write_bytes(b"2")
     watch = ShareWatch(_settings(tmp_path), done={}, started=0.0)
     assert watch.poll(0.0).status == "wait"
     out = watch.poll(2.5)
     assert out.status == "ready"
-    assert [f["relpath"] for f in out.files] == ["a.tif", "b.tif"]
+    assert [f["relpath"] for f in out.files] == ["a.dat", "b.dat"]
     assert out.files[0]["size"] == 1
 
 
 def test_batch_waits_for_window_while_other_files_still_grow(tmp_path: Path) -> None:
-    (tmp_path / "done.tif").write_bytes(b"1")
-    growing = tmp_path / "growing.tif"
+    (tmp_path / "done.dat").write_bytes(b"1")
+    growing = tmp_path / "growing.dat"
     growing.write_bytes(b"1")
     watch = ShareWatch(_settings(tmp_path), done={}, started=0.0)
     watch.poll(0.0)
@@ -45,13 +46,13 @@ def test_batch_waits_for_window_while_other_files_still_grow(tmp_path: Path) -> 
         fh.write(b"more")
     out = watch.poll(13.0)  # window of 10 s since done.tif was first ready at 3.0
     assert out.status == "ready"
-    assert [f["relpath"] for f in out.files] == ["done.tif"]
+    assert [f["relpath"] for f in out.files] == ["done.dat"]
     assert out.pending == 1
 
 
 def test_full_batch_goes_at_once_and_is_capped(tmp_path: Path) -> None:
     for i in range(5):
-        (tmp_path / f"m{i}.tif").write_bytes(b"x")
+        (tmp_path / f"m{i}.dat").write_bytes(b"x")
     watch = ShareWatch(_settings(tmp_path), done={}, started=0.0)
     watch.poll(0.0)
     out = watch.poll(2.0)
@@ -59,12 +60,12 @@ def test_full_batch_goes_at_once_and_is_capped(tmp_path: Path) -> None:
 
 
 def test_done_files_are_not_offered_again_unless_changed(tmp_path: Path) -> None:
-    f = tmp_path / "a.tif"
+    f = tmp_path / "a.dat"
     f.write_bytes(b"1")
     st = f.stat()
     watch = ShareWatch(
         _settings(tmp_path, idle_timeout_seconds=5.0),
-        done={"a.tif": (st.st_size, st.st_mtime_ns)},
+        done={"a.dat": (st.st_size, st.st_mtime_ns)},
         started=0.0,
     )
     assert watch.poll(0.0).status == "wait"
@@ -72,14 +73,14 @@ def test_done_files_are_not_offered_again_unless_changed(tmp_path: Path) -> None
     assert out.status == "ended" and "idle" in out.reason
     f.write_bytes(b"12")  # rewritten on the share: offered again
     watch = ShareWatch(
-        _settings(tmp_path), done={"a.tif": (st.st_size, st.st_mtime_ns)}, started=0.0
+        _settings(tmp_path), done={"a.dat": (st.st_size, st.st_mtime_ns)}, started=0.0
     )
     watch.poll(0.0)
-    assert [x["relpath"] for x in watch.poll(3.0).files] == ["a.tif"]
+    assert [x["relpath"] for x in watch.poll(3.0).files] == ["a.dat"]
 
 
 def test_idle_timeout_counts_from_last_change(tmp_path: Path) -> None:
-    g = tmp_path / "slow.tif"
+    g = tmp_path / "slow.dat"
     g.write_bytes(b"1")
     watch = ShareWatch(
         _settings(tmp_path, idle_timeout_seconds=5.0, settle_seconds=100.0), done={}, started=0.0
@@ -106,3 +107,34 @@ def test_missing_session_folder_waits_then_idles(tmp_path: Path) -> None:
     out = watch.poll(1.0)
     assert out.status == "wait" and "does not exist" in out.errors[0]
     assert watch.poll(6.0).status == "ended"
+
+
+def test_quiet_but_incomplete_files_wait_and_are_reported_once_abandoned(tmp_path: Path) -> None:
+    (tmp_path / "whole.tiff").write_bytes(b"1")
+    (tmp_path / "half.tiff").write_bytes(b"1")
+    seen: list[tuple[str, int | None]] = []
+
+    def checker(path: Path, frames: int | None) -> Completeness:
+        seen.append((path.name, frames))
+        if path.name == "half.tiff":
+            return Completeness(Verdict.INCOMPLETE, "3 of 40 pages")
+        return Completeness(Verdict.COMPLETE)
+
+    settings = _settings(tmp_path, incomplete_after_seconds=20.0, batch_window_seconds=100.0)
+    watch = ShareWatch(settings, done={}, started=0.0, checker=checker)
+    assert watch.poll(0.0).status == "wait"
+    assert watch.poll(3.0).status == "wait"  # whole.tiff is ready; half.tiff holds the batch
+    out = watch.poll(21.0)  # half.tiff unchanged for 21 s: its writer is gone
+    assert out.status == "ready"
+    assert [f["relpath"] for f in out.files] == ["whole.tiff"]
+    assert [(f["relpath"], f["why"]) for f in out.incomplete] == [("half.tiff", "3 of 40 pages")]
+    assert sorted(seen) == [("half.tiff", None), ("whole.tiff", None)]  # checked once each
+
+
+def test_failed_copies_are_not_offered_before_their_backoff_ends(tmp_path: Path) -> None:
+    (tmp_path / "a.dat").write_bytes(b"1")
+    watch = ShareWatch(_settings(tmp_path), done={}, started=0.0, backing_off={"a.dat": 10.0})
+    assert watch.poll(0.0).status == "wait"
+    assert watch.poll(5.0).status == "wait"
+    assert watch.poll(10.0).status == "wait"  # owed again: settles like any file
+    assert [f["relpath"] for f in watch.poll(12.0).files] == ["a.dat"]

@@ -40,11 +40,11 @@ def test_serialize_round_trip(tmp_path: Path) -> None:
 
 def test_yields_one_batch_event(tmp_path: Path) -> None:
     (tmp_path / "share").mkdir()
-    (tmp_path / "share" / "m1.tif").write_bytes(b"12")
+    (tmp_path / "share" / "m1.dat").write_bytes(b"12")
     (events,) = [asyncio.run(_events(_make_trigger(tmp_path)))]
     assert len(events) == 1
     assert events[0]["status"] == "ready"
-    assert [f["relpath"] for f in events[0]["files"]] == ["m1.tif"]
+    assert [f["relpath"] for f in events[0]["files"]] == ["m1.dat"]
 
 
 def test_idle_share_ends_the_session(tmp_path: Path) -> None:
@@ -57,7 +57,7 @@ def test_unreachable_ledger_does_not_end_the_watch(tmp_path: Path) -> None:
     """The ledger database away for a few seconds: the watch reports, backs off and goes on."""
     share = tmp_path / "share"
     share.mkdir()
-    (share / "m1.tif").write_bytes(b"12")
+    (share / "m1.dat").write_bytes(b"12")
     trigger = _make_trigger(tmp_path, backoff_max_seconds=0.2)
     db = tmp_path / "ledger.db"
     hidden = tmp_path / "ledger.db.away"
@@ -77,7 +77,7 @@ def test_unreachable_ledger_does_not_end_the_watch(tmp_path: Path) -> None:
     assert db.exists() and not hidden.exists()
     (event,) = asyncio.run(outage_then_back())
     assert event["status"] == "ready"
-    assert [f["relpath"] for f in event["files"]] == ["m1.tif"]
+    assert [f["relpath"] for f in event["files"]] == ["m1.dat"]
 
 
 def test_operator_end_request_ends_a_waiting_watch(tmp_path: Path) -> None:
@@ -127,19 +127,19 @@ def test_hung_poll_is_reported_not_waited_on_silently(tmp_path: Path, capfd) -> 
 def test_already_copied_files_are_not_offered(tmp_path: Path) -> None:
     share = tmp_path / "share"
     share.mkdir()
-    f = share / "done.tif"
+    f = share / "done.dat"
     f.write_bytes(b"1")
     trigger = _make_trigger(tmp_path)
     ledger = Ledger(trigger.ledger_url)
-    fid, _ = ledger.begin_copy(
+    fid, *_ = ledger.begin_copy(
         trigger.session_id,
-        "done.tif",
+        "done.dat",
         kind="movie",
         size=1,
         mtime_ns=f.stat().st_mtime_ns,
         batch="b",
     )
-    ledger.mark_verified(fid, checksum="x", dest_path="/d/done.tif", copy_seconds=0)
+    ledger.mark_verified(fid, checksum="x", dest_path="/d/done.dat", copy_seconds=0)
     (event,) = asyncio.run(_events(trigger))
     assert event["status"] == "ended"
 
@@ -158,7 +158,7 @@ def test_done_files_are_read_once_then_only_what_changed(tmp_path: Path) -> None
     sid = ledger.open_session("k1", "s", dest_root="/d", source_root="/s", params={})
 
     def verify(name: str) -> int:
-        fid, _ = ledger.begin_copy(sid, name, kind="movie", size=1, mtime_ns=1, batch="b")
+        fid = ledger.begin_copy(sid, name, kind="movie", size=1, mtime_ns=1, batch="b").file_id
         ledger.mark_verified(fid, checksum="x", dest_path=f"/d/{name}", copy_seconds=0)
         return fid
 

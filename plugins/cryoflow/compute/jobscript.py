@@ -12,6 +12,12 @@ Why the script looks the way it does:
 - the task's exit code is written to ``exit/.<A>_<a>.tmp`` and renamed to ``exit/<A>_<a>``
   (rename is atomic), so a poll never reads a half-written value. A missing file means the task
   did not finish by itself (still running, cancelled, timed out, node lost): ask Slurm.
+- outputs get the facility's modes, whatever umask Slurm or the runner passed on: the script
+  sets ``umask`` from ``file_mode``/``dir_mode`` (:func:`job_umask`, 027 for 0640/2770) before
+  anything runs, creates its own folders with ``dir_mode``, brings the task's log files (opened
+  before the script ran) to ``file_mode``, and exports both modes (:data:`FILE_MODE_ENV`,
+  :data:`DIR_MODE_ENV`) for the built-in engines, which apply them exactly. The group comes from
+  the setgid session folders the outputs are written into.
 """
 
 from __future__ import annotations
@@ -27,6 +33,10 @@ from cryoflow.compute.settings import SlurmBackend
 
 __all__ = [
     "ACTIVE_STATES",
+    "DEFAULT_DIR_MODE",
+    "DEFAULT_FILE_MODE",
+    "DIR_MODE_ENV",
+    "FILE_MODE_ENV",
     "SUCCESS_STATE",
     "TERMINAL_STATES",
     "ComputeClient",
@@ -36,12 +46,22 @@ __all__ = [
     "TaskStatus",
     "build_array_script",
     "decode_tail",
+    "job_umask",
     "parse_exit_name",
+    "script_modes",
     "slurm_directives",
 ]
 
 SCRIPT_NAME = "job.sh"
 LOG_PATTERN = "%A_%a"
+
+#: The facility defaults (config ``permissions``): owner rw + group r; setgid, group rwx.
+DEFAULT_FILE_MODE = 0o640
+DEFAULT_DIR_MODE = 0o2770
+#: Octal modes exported to every task; the built-in engines (engines/imageio.py) read them.
+FILE_MODE_ENV = "CRYOFLOW_FILE_MODE"
+DIR_MODE_ENV = "CRYOFLOW_DIR_MODE"
+_MODES_LINE = re.compile(r"^# cryoflow modes: file_mode=([0-7]{1,4}) dir_mode=([0-7]{1,4})$", re.M)
 
 SUCCESS_STATE = "COMPLETED"
 # Slurm job states that end a task for good, plus LOST: we could not find the task anywhere
@@ -193,6 +213,22 @@ def parse_exit_name(name: str) -> tuple[str, int] | None:
     return (match["job"], int(match["index"])) if match else None
 
 
+def job_umask(file_mode: int, dir_mode: int) -> int:
+    """The umask under which a tool's new files get ``file_mode``'s rw bits and new folders at
+    most ``dir_mode``'s search bits: 027 for 0640/2770. One umask cannot give both exactly (a
+    folder made under 027 is 0750); the built-in engines and the script's own folders set
+    ``dir_mode`` themselves."""
+    return (0o666 & ~file_mode) | (0o111 & ~dir_mode)
+
+
+def script_modes(script: str) -> tuple[int, int]:
+    """``(file_mode, dir_mode)`` a script from :func:`build_array_script` was built with."""
+    match = _MODES_LINE.search(script)
+    if match is None:
+        return DEFAULT_FILE_MODE, DEFAULT_DIR_MODE
+    return int(match[1], 8), int(match[2], 8)
+
+
 def slurm_directives(backend: SlurmBackend) -> list[str]:
     """The sbatch options a backend asks for (the array and log options are added per job)."""
     options = [f"--partition={backend.partition}", f"--time={backend.time_limit}"]
@@ -214,14 +250,20 @@ def build_array_script(
     sbatch: Sequence[str] = (),
     max_parallel: int | None = None,
     workdir: str | None = None,
+    file_mode: int = DEFAULT_FILE_MODE,
+    dir_mode: int = DEFAULT_DIR_MODE,
 ) -> str:
     """Return the job-array script that runs `tasks[i]` as array task i.
 
     `tasks[i]` is an argv list (program first); `stdin[i]`, when given and not None, is fed to
     task i on standard input (tools such as CTFFIND read their answers there). `workdir` is the
-    tasks' working directory (default: the job directory).
+    tasks' working directory (default: the job directory). `file_mode`/`dir_mode` are the
+    facility's ``permissions``: what every file and folder the tasks write should end with.
     """
     _check_inputs(step, tasks, stdin, env, modules, sbatch, max_parallel)
+    for name, mode in (("file_mode", file_mode), ("dir_mode", dir_mode)):
+        if isinstance(mode, bool) or not isinstance(mode, int) or not 0 <= mode <= 0o7777:
+            raise ValueError(f"step {step}: {name} must be a mode from 0 to 0o7777, got {mode!r}")
     n = len(tasks)
     array = f"0-{n - 1}" + (f"%{max_parallel}" if max_parallel else "")
     directives = [
@@ -232,15 +274,21 @@ def build_array_script(
         *sbatch,
     ]
     q = shlex.quote
+    fmode, dmode = f"{file_mode:04o}", f"{dir_mode:04o}"
     lines = ["#!/bin/bash", *(f"#SBATCH {d}" for d in directives)]
     lines += [
         f"# cryoflow job script: step={step}, {n} task(s). Generated; do not edit.",
+        f"# cryoflow modes: file_mode={fmode} dir_mode={dmode}",
         "set -u",
+        f"umask {job_umask(file_mode, dir_mode):04o}",
+        f"export {FILE_MODE_ENV}={fmode} {DIR_MODE_ENV}={dmode}",
         f"job_dir={q(layout.job_dir)}",
         'task_index="${SLURM_ARRAY_TASK_ID:?not run as an array task}"',
         'array_job_id="${SLURM_ARRAY_JOB_ID:?not run as an array task}"',
+        "# Slurm (or the local runner) opened this task's logs with its own umask.",
+        f'chmod {fmode} "$job_dir/logs/${{array_job_id}}_${{task_index}}".{{out,err}} 2>/dev/null',
         "finish() {",
-        '  mkdir -p "$job_dir/exit"',
+        f'  mkdir -p -m {dmode} "$job_dir/exit"',
         '  printf \'%s\\n\' "$1" >"$job_dir/exit/.${array_job_id}_${task_index}.tmp" &&',
         '    mv -f "$job_dir/exit/.${array_job_id}_${task_index}.tmp" '
         '"$job_dir/exit/${array_job_id}_${task_index}"',

@@ -8,7 +8,10 @@ stdout/stderr in `logs/<A>_<a>.out|.err`; the script itself writes `exit/<A>_<a>
 Status, cancel and log reading are plain file reads, cheap enough for the triggerer.
 
 Files besides the script's own: `runner.pid` ("<pid> <start ticks>", guards against pid reuse),
-`started/<A>_<a>` (task launched), `cancelled` (a cancel was requested), `runner.log`.
+`started/<A>_<a>` (task launched), `cancelled` (a cancel was requested), `runner.log`. All of
+them, the job folders and the task logs get the modes the script was built with
+(:func:`~cryoflow.compute.jobscript.script_modes`): new folders are chmod-ed to ``dir_mode``,
+files are created with ``file_mode``, and the runner runs under the script's umask.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import IO
 
 from cryoflow.compute.jobscript import (
     JobLayout,
@@ -30,6 +34,8 @@ from cryoflow.compute.jobscript import (
     TaskLogs,
     TaskStatus,
     decode_tail,
+    job_umask,
+    script_modes,
 )
 from cryoflow.compute.settings import LocalBackend
 
@@ -46,15 +52,16 @@ class LocalCompute:
 
     def submit(self, script: str, layout: JobLayout, n_tasks: int) -> SubmittedJob:
         job_dir = Path(layout.job_dir)
+        file_mode, dir_mode = script_modes(script)
         for sub in (job_dir / "logs", job_dir / "exit", job_dir / "started"):
-            sub.mkdir(parents=True, exist_ok=True)
-        _write_atomic(Path(layout.script), script, mode=0o755)
+            _make_dirs(sub, dir_mode)
+        _write_atomic(Path(layout.script), script, file_mode)  # run as `bash job.sh`: no +x
         job = SubmittedJob(f"local-{secrets.token_hex(6)}", layout.job_dir, n_tasks)
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(
             p for p in (str(_PLUGINS_DIR), env.get("PYTHONPATH", "")) if p
         )
-        with open(job_dir / "runner.log", "ab") as runner_log:
+        with _open_append(job_dir / "runner.log", file_mode) as runner_log:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "cryoflow.compute.local", "run", layout.job_dir,
                  job.job_id, str(n_tasks), str(self.backend.max_parallel)],
@@ -64,8 +71,9 @@ class LocalCompute:
                 start_new_session=True,
                 close_fds=True,
                 env=env,
+                umask=job_umask(file_mode, dir_mode),  # started/*, the task logs
             )  # fmt: skip
-        _write_atomic(job_dir / "runner.pid", f"{proc.pid} {_start_ticks(proc.pid)}\n")
+        _write_atomic(job_dir / "runner.pid", f"{proc.pid} {_start_ticks(proc.pid)}\n", file_mode)
         return job
 
     def poll(self, jobs: Sequence[SubmittedJob]) -> dict[str, list[TaskStatus]]:
@@ -74,7 +82,8 @@ class LocalCompute:
     def cancel(self, jobs: Sequence[SubmittedJob]) -> None:
         for job in jobs:
             job_dir = Path(job.job_dir)
-            _write_atomic(job_dir / "cancelled", f"{time.time():.3f}\n")
+            file_mode, _ = _job_modes(job.layout)
+            _write_atomic(job_dir / "cancelled", f"{time.time():.3f}\n", file_mode)
             pid = _runner_pid(job_dir)
             if pid is None:
                 continue
@@ -168,11 +177,43 @@ def _signal_group(pid: int, sig: signal.Signals) -> None:
         os.killpg(pid, sig)
 
 
-def _write_atomic(path: Path, text: str, mode: int = 0o644) -> None:
+def _write_atomic(path: Path, text: str, mode: int) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.chmod(tmp, mode)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8", errors="surrogateescape") as fh:  # names as bytes
+        fh.write(text)
+        os.fchmod(fh.fileno(), mode)  # exactly `mode`, whatever the umask
     os.replace(tmp, path)
+
+
+def _open_append(path: Path, mode: int) -> IO[bytes]:
+    """Open for appending; a new file gets exactly ``mode``."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    if os.fstat(fd).st_size == 0:
+        os.fchmod(fd, mode)
+    return os.fdopen(fd, "ab")
+
+
+def _make_dirs(directory: Path, mode: int) -> None:
+    """Create missing folders with exactly ``mode`` (existing ones are left as they are)."""
+    missing = []
+    while not directory.exists():
+        missing.append(directory)
+        directory = directory.parent
+    for folder in reversed(missing):
+        try:
+            folder.mkdir()
+        except FileExistsError:
+            continue  # made meanwhile by someone else, who sets its mode
+        os.chmod(folder, mode)
+
+
+def _job_modes(layout: JobLayout) -> tuple[int, int]:
+    """``(file_mode, dir_mode)`` of a submitted job, from its script."""
+    try:
+        return script_modes(Path(layout.script).read_text(errors="surrogateescape"))
+    except OSError:
+        return script_modes("")
 
 
 def run_array(job_dir: str, job_id: str, n_tasks: int, max_parallel: int) -> int:

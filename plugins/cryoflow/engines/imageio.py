@@ -3,6 +3,10 @@
 Why one module: every engine must refuse the same broken inputs with the same clear errors, and
 must never leave a half-written file under its final name (a watcher or the next DAG task could
 pick it up). Writers here go to a temp name in the same directory and ``os.replace`` it.
+
+Run from a cryoflow job, the files and folders written here get exactly the facility's modes,
+which the job script exports as ``CRYOFLOW_FILE_MODE``/``CRYOFLOW_DIR_MODE`` (octal); run by
+hand, the usual ``0666``/``0777`` less the umask.
 """
 
 from __future__ import annotations
@@ -26,6 +30,10 @@ __all__ = [
     "write_preview",
 ]
 
+#: Set by the job script (cryoflow.compute.jobscript.FILE_MODE_ENV / DIR_MODE_ENV).
+FILE_MODE_ENV = "CRYOFLOW_FILE_MODE"
+DIR_MODE_ENV = "CRYOFLOW_DIR_MODE"
+
 MRC_SUFFIXES = {".mrc", ".mrcs", ".st"}
 TIFF_SUFFIXES = {".tif", ".tiff"}
 EER_SUFFIXES = {".eer"}
@@ -39,17 +47,51 @@ class ImageReadError(ValueError):
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temp path beside ``path``; on success rename it over ``path``, else delete it."""
     final = Path(path)
-    final.parent.mkdir(parents=True, exist_ok=True)
+    _make_dirs(final.parent)
     fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".part", dir=final.parent)
     os.close(fd)
     try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual mode
         yield Path(tmp)
+        # mkstemp made it 0600 (and a writer may have made it anew): give the job's mode, or
+        # the usual one. After writing, so that a read-only file_mode (0440) works too.
+        os.chmod(tmp, _env_mode(FILE_MODE_ENV, 0o666 & ~_umask()))
         os.replace(tmp, final)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def _env_mode(name: str, default: int) -> int:
+    """An octal mode from the environment (``0640``), or ``default`` when it is not set."""
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        mode = int(text, 8)
+    except ValueError:
+        mode = -1
+    if not 0 <= mode <= 0o7777:
+        raise ValueError(f"{name}={text!r} is not an octal permission mode such as 0640")
+    return mode
+
+
+def _make_dirs(directory: Path) -> None:
+    """Create missing folders; under a job each new one gets exactly the job's folder mode."""
+    mode = _env_mode(DIR_MODE_ENV, -1)
+    if mode < 0:
+        directory.mkdir(parents=True, exist_ok=True)
+        return
+    missing = []
+    while not directory.exists():
+        missing.append(directory)
+        directory = directory.parent
+    for folder in reversed(missing):
+        try:
+            folder.mkdir()
+        except FileExistsError:
+            continue  # another task made it meanwhile and sets its mode
+        os.chmod(folder, mode)
 
 
 def _umask() -> int:

@@ -140,8 +140,8 @@ class SlurmHook(BaseHook):
         tmp = f"{layout.script}.tmp"
         with self._sftp(f"upload of {layout.script}") as sftp:
             with sftp.open(tmp, "w") as remote:
-                remote.write(script.encode())
-            sftp.chmod(tmp, 0o755)
+                remote.write(script.encode("utf-8", "surrogateescape"))  # names byte for byte
+            sftp.chmod(tmp, 0o640)  # sbatch reads it; nothing of ours is world-readable
             sftp.posix_rename(tmp, layout.script)
         command = f"cd {shlex.quote(layout.job_dir)} && sbatch --parsable {SCRIPT_NAME}"
         rc, out, err = self.run(command)

@@ -21,6 +21,8 @@ from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowFailException, TaskDeferralError, TaskDeferralTimeout
 
 from cryoflow.compute.jobscript import (
+    DEFAULT_DIR_MODE,
+    DEFAULT_FILE_MODE,
     ComputeClient,
     JobLayout,
     SubmittedJob,
@@ -84,8 +86,11 @@ class ArrayJobs:
         submit_attempts: int = 3,
         retry_delay_s: float = 5.0,
         trigger_max_failures: int = 5,
+        file_mode: int = DEFAULT_FILE_MODE,
+        dir_mode: int = DEFAULT_DIR_MODE,
     ) -> None:
         self.backend = backend
+        self.modes = {"file_mode": file_mode, "dir_mode": dir_mode}
         self.log = log
         self.env = dict(env) if env is not None else {"LC_ALL": "C"}
         self.log_tail_bytes = log_tail_bytes
@@ -149,8 +154,11 @@ class ArrayJobs:
                 modules=self.backend.modules,
                 sbatch=slurm_directives(self.backend),
                 max_parallel=self.backend.max_parallel,
+                **self.modes,
             )
-        return build_array_script(step=step, tasks=tasks, layout=layout, stdin=stdin, env=self.env)
+        return build_array_script(
+            step=step, tasks=tasks, layout=layout, stdin=stdin, env=self.env, **self.modes
+        )
 
     def finish(
         self,

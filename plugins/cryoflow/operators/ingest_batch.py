@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowFailException, DagRunTriggerException
 
-from cryoflow.config import load_site
+from cryoflow.config import FacilityConfig, MicroscopeConfig, load_site
 from cryoflow.ledger import Ledger
 from cryoflow.session import (
     SessionClosedError,
@@ -24,8 +24,8 @@ from cryoflow.session import (
     SessionParams,
     SessionParamsError,
     close_session,
+    ingest_event,
     open_session,
-    transfer_batch,
 )
 from cryoflow.triggers.share_watch import ShareWatchTrigger
 
@@ -39,6 +39,32 @@ def batch_run_id(session_name: str, now: datetime | None = None) -> str:
     """``<session>__batch_<time>``: a session's batches sit together in the grid view."""
     stamp = (now or datetime.now(UTC)).strftime("%Y%m%dT%H%M%S.%f")
     return f"{session_name}__batch_{stamp}"
+
+
+def watch_trigger(
+    facility: FacilityConfig,
+    scope: MicroscopeConfig,
+    params: SessionParams,
+    handle: SessionHandle,
+) -> ShareWatchTrigger:
+    """The watch of one session folder, with the facility's and the microscope's settings."""
+    transfer = facility.transfer
+    return ShareWatchTrigger(
+        root=handle.source_root,
+        ledger_url=facility.storage.ledger_url,
+        session_id=handle.session_id,
+        exclude=list(scope.share.exclude),
+        settle_seconds=scope.share.settle_seconds or transfer.settle_seconds,
+        poll_seconds=transfer.poll_seconds,
+        batch_max_files=transfer.batch_max_files,
+        batch_window_seconds=transfer.batch_window_seconds,
+        idle_timeout_seconds=params.idle_timeout_minutes * 60.0,
+        deadline=handle.deadline,
+        max_attempts=transfer.max_attempts,
+        layout=str(scope.layout),
+        expected_frames=params.frames,
+        incomplete_after_seconds=transfer.incomplete_after_seconds,
+    )
 
 
 class SessionBatchOperator(BaseOperator):
@@ -76,19 +102,7 @@ class SessionBatchOperator(BaseOperator):
         self.log.info(
             "Session %s: %s -> %s", params.session_name, handle.source_root, handle.dest_root
         )
-        transfer = facility.transfer
-        trigger = ShareWatchTrigger(
-            root=handle.source_root,
-            ledger_url=facility.storage.ledger_url,
-            session_id=handle.session_id,
-            exclude=list(scope.share.exclude),
-            settle_seconds=scope.share.settle_seconds or transfer.settle_seconds,
-            poll_seconds=transfer.poll_seconds,
-            batch_max_files=transfer.batch_max_files,
-            batch_window_seconds=transfer.batch_window_seconds,
-            idle_timeout_seconds=params.idle_timeout_minutes * 60.0,
-            deadline=handle.deadline,
-        )
+        trigger = watch_trigger(facility, scope, params, handle)
         self.log.info("Waiting for finished files in %s", handle.source_root)
         self.defer(trigger=trigger, method_name="copy_batch")
 
@@ -107,8 +121,9 @@ class SessionBatchOperator(BaseOperator):
         files = event.get("files", []) if event.get("status") == "ready" else []
         if files:
             self.log.info("%d file(s) ready, %d more still arriving", len(files), event["pending"])
-            result = transfer_batch(
-                facility, scope, handle, files, batch=context["ti"].run_id, switches=params
+        if files or event.get("incomplete"):
+            result = ingest_event(
+                facility, scope, handle, event, batch=context["ti"].run_id, switches=params
             )
             report = result.to_dict()
             self.log.info(
@@ -117,8 +132,6 @@ class SessionBatchOperator(BaseOperator):
                 len(result.copied), len(result.skipped), len(result.failed),
                 len(result.retry_later),
             )  # fmt: skip
-            for failure in result.failed:
-                self.log.error("FAILED %r: %s", failure["relpath"], failure["error"])
         context["ti"].xcom_push(key=BATCH_XCOM, value=report)
 
         reason = event.get("reason") if event.get("status") == "ended" else None

@@ -94,7 +94,13 @@ class ProcessOwedOperator(BaseOperator):
         facility = self.site.facility
         name = facility.software[SOFTWARE[stage]].backend
         if name not in self._backends:
-            self._backends[name] = ArrayJobs(parse_backend(facility.compute[name]), self.log)
+            perms = facility.permissions
+            self._backends[name] = ArrayJobs(
+                parse_backend(facility.compute[name]),
+                self.log,
+                file_mode=perms.file_mode,
+                dir_mode=perms.dir_mode,
+            )
         return self._backends[name]
 
     def _movies(self, work: list[Work]) -> tuple[list[processing.MoviePaths], list[SessionParams]]:
@@ -193,8 +199,9 @@ class ProcessOwedOperator(BaseOperator):
                 group = [movies[i] for i in idx]
                 for warning in processing.record_acquisition(self.ledger, handle, group, layout, p):
                     self.log.warning("%s", warning)
+                perms = facility.permissions
                 gain = processing.gain_reference(
-                    self.ledger, handle, p, facility.permissions.dir_mode
+                    self.ledger, handle, p, perms.dir_mode, perms.file_mode
                 )
                 self.log.info("Session %s gain reference: %s", handle.session_id, gain or "none")
                 argvs = processing.plan_motioncor(facility, p, handle, group, gain)

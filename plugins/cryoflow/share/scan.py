@@ -166,7 +166,7 @@ def scan_tree(root: Path, exclude: Iterable[str] = ()) -> ScanResult:
         try:
             entries = list(os.scandir(directory))  # exhausting it closes it
         except OSError as exc:
-            errors.append(f"{prefix or '.'}: {_why(exc)}")
+            errors.append(f"{prefix.rstrip('/') or '.'}: {_why(exc)}")
             continue
         for entry in entries:
             name = entry.name
@@ -237,6 +237,10 @@ class StabilityTracker:
             else:
                 obs.settling.add(rel)
         return obs
+
+    def unchanged_for(self, rel: str, now: float) -> float:
+        seen = self._seen.get(rel)
+        return 0.0 if seen is None else now - seen.unchanged_since
 
     def stat_of(self, rel: str) -> FileStat | None:
         seen = self._seen.get(rel)

@@ -52,9 +52,14 @@ class DoneFilesCache:
             done = ledger.done_files(session_id, max_attempts)
         else:
             done, read_at = cached
-            done.update(
-                ledger.done_files(session_id, max_attempts, touched_since=read_at - self.MARGIN)
-            )
+            since = read_at - self.MARGIN
+            for rel, stat in ledger.done_files(
+                session_id, max_attempts, touched_since=since
+            ).items():
+                if stat is None:
+                    done.pop(rel, None)
+                else:
+                    done[rel] = stat
         with self._lock:
             self._entries[key] = (done, now)
             self._entries.move_to_end(key)
@@ -83,6 +88,9 @@ class ShareWatchTrigger(BaseTrigger):
         max_attempts: int = 3,
         poll_timeout_seconds: float = 60.0,
         backoff_max_seconds: float = 60.0,
+        layout: str = "epu",
+        expected_frames: int | None = None,
+        incomplete_after_seconds: float = 600.0,
     ) -> None:
         super().__init__()
         self.root = root
@@ -98,6 +106,9 @@ class ShareWatchTrigger(BaseTrigger):
         self.max_attempts = max_attempts
         self.poll_timeout_seconds = poll_timeout_seconds
         self.backoff_max_seconds = backoff_max_seconds
+        self.layout = layout
+        self.expected_frames = expected_frames
+        self.incomplete_after_seconds = incomplete_after_seconds
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return (
@@ -116,6 +127,9 @@ class ShareWatchTrigger(BaseTrigger):
                 "max_attempts": self.max_attempts,
                 "poll_timeout_seconds": self.poll_timeout_seconds,
                 "backoff_max_seconds": self.backoff_max_seconds,
+                "layout": self.layout,
+                "expected_frames": self.expected_frames,
+                "incomplete_after_seconds": self.incomplete_after_seconds,
             },
         )
 
@@ -128,6 +142,9 @@ class ShareWatchTrigger(BaseTrigger):
             batch_window_seconds=self.batch_window_seconds,
             idle_timeout_seconds=self.idle_timeout_seconds,
             deadline=datetime.fromisoformat(self.deadline) if self.deadline else None,
+            layout=self.layout,
+            expected_frames=self.expected_frames,
+            incomplete_after_seconds=self.incomplete_after_seconds,
         )
 
     # -- work done in a thread (blocking filesystem and database calls) --------------------
@@ -140,8 +157,16 @@ class ShareWatchTrigger(BaseTrigger):
         tracker = StabilityTracker.restore(
             settings.settle_seconds, ledger.watch_state(self.session_id), now
         )
-        self.log.info("Watching %s (%d files already done)", self.root, len(done))
-        return ShareWatch(settings, done, started=now, tracker=tracker)
+        wall = utcnow()
+        backing_off = {
+            rel: now + (when - wall).total_seconds()
+            for rel, when in ledger.backing_off(self.session_id, wall).items()
+        }
+        self.log.info(
+            "Watching %s (%d files already done, %d failed copies waiting to be tried again)",
+            self.root, len(done), len(backing_off),
+        )  # fmt: skip
+        return ShareWatch(settings, done, started=now, tracker=tracker, backing_off=backing_off)
 
     def _poll(self, watch: ShareWatch) -> Outcome:
         ledger = Ledger(self.ledger_url)
