@@ -23,6 +23,9 @@ export AIRFLOW__CORE__LOAD_EXAMPLES=False
 export AIRFLOW__CORE__PARALLELISM=4
 export AIRFLOW__API__HOST=127.0.0.1
 export AIRFLOW__API__PORT=$PORT
+# Tasks reach the API server's execution API at this URL; Airflow's default is
+# http://localhost:8080/execution/ whatever [api] port says, so any other PORT needs it.
+export AIRFLOW__CORE__EXECUTION_API_SERVER_URL=http://127.0.0.1:$PORT/execution/
 export AIRFLOW__API_AUTH__JWT_SECRET=$(cat "$DEMO/secret")
 export AIRFLOW__API__SECRET_KEY=$(cat "$DEMO/secret")
 export AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL=5
@@ -41,6 +44,12 @@ export CRYOFLOW_DOGPICKER=cryoflow-dogpicker
 
 log() { printf '[demo] %s\n' "$*"; }
 
+# Another server on PORT would answer the health check below in place of ours.
+if (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null; then
+  log "port $PORT is already in use: stop what listens there or pick another, e.g. PORT=8097 $0"
+  exit 1
+fi
+
 airflow db migrate >"$DEMO/migrate.log" 2>&1 || { cat "$DEMO/migrate.log"; exit 1; }
 
 AF_PID= SIM_PID=
@@ -49,26 +58,41 @@ stop() {
   log "stopping ..."
   [[ -n $SIM_PID ]] && kill -TERM "$SIM_PID" 2>/dev/null || true
   if [[ -n $AF_PID ]] && kill -0 "$AF_PID" 2>/dev/null; then
-    # standalone's children only all exit when the whole process group gets SIGINT
+    # standalone's components only all exit when the whole process group gets SIGINT (SIGTERM to
+    # the parent alone orphans them, ports held); the parent ignores it and is stopped once they
+    # are gone (it does not reap them: zombies do not count).
     kill -INT -- "-$AF_PID" 2>/dev/null || true
-    for _ in $(seq 30); do kill -0 "$AF_PID" 2>/dev/null || break; sleep 0.5; done
-    kill -TERM -- "-$AF_PID" 2>/dev/null || true
-    sleep 2
+    for _ in $(seq 60); do
+      pgrep -g "$AF_PID" -r R,S,D,T,t,I 2>/dev/null | grep -qvx "$AF_PID" || break
+      sleep 0.5
+    done
+    kill -TERM "$AF_PID" 2>/dev/null || true
+    for _ in $(seq 10); do kill -0 "$AF_PID" 2>/dev/null || break; sleep 0.5; done
     kill -KILL -- "-$AF_PID" 2>/dev/null || true
   fi
   log "stopped; data stays in $DEMO"
 }
 trap stop INT TERM EXIT
 
-log "starting Airflow standalone (log: $DEMO/standalone.log)"
-setsid airflow standalone >"$DEMO/standalone.log" 2>&1 &
+log "starting Airflow standalone on port $PORT (log: $DEMO/standalone.log)"
+# In its own session and process group (Ctrl-C in the terminal reaches only this script; stop()
+# signals the group). The standalone parent ignores SIGINT on purpose: on SIGINT it would SIGTERM
+# its components while they shut down gracefully; they set their own SIGINT handlers.
+( trap '' INT; exec setsid airflow standalone ) >"$DEMO/standalone.log" 2>&1 &
 AF_PID=$!
-for _ in $(seq 180); do
+for i in $(seq 180); do
   curl -fsS "http://127.0.0.1:$PORT/api/v2/monitor/health" >/dev/null 2>&1 && break
   kill -0 "$AF_PID" 2>/dev/null || { tail -30 "$DEMO/standalone.log"; exit 1; }
+  ((i < 180)) || { log "no answer on port $PORT after 180 s"; tail -30 "$DEMO/standalone.log"; exit 1; }
   sleep 1
 done
-until airflow dags list 2>/dev/null | grep -q session_krios1; do sleep 2; done
+for i in $(seq 60); do
+  airflow dags list 2>/dev/null | grep -q session_krios1 && break
+  if ((i == 60)); then
+    log "session_krios1 did not appear; import errors:"; airflow dags list-import-errors; exit 1
+  fi
+  sleep 2
+done
 
 SESSION=demo_$(date +%Y%m%d_%H%M%S)
 log "enabling session_krios1 and starting session $SESSION (as an operator would in the UI)"

@@ -5,6 +5,7 @@
 # and an sshd on 127.0.0.1:2222 that lets the test user `cryo` in by key only.
 #
 # One script for CI, tests and developers:  scripts/services.sh up|down|status
+# (`scripts/services.sh chromium`: headless Chromium + chromedriver for the UI test; not in `up`)
 # Runs as root on a Debian 12 machine without systemd (PID 1 is not an init: exited daemons
 # linger as zombies, so every health check asks the service itself, never pgrep).
 #
@@ -384,6 +385,27 @@ write_connection() {  # write_connection <remote workdir> <host public key>
     done
 }
 
+# --- headless Chromium for the UI tests (not part of `up`) -----------------------------------
+
+chromium_ok() { chromium --version >/dev/null 2>&1 && chromedriver --version >/dev/null 2>&1; }
+
+chromium_up() {  # idempotent: Debian's chromium + chromedriver (/usr/bin/chromedriver)
+    if ! chromium_ok; then
+        [[ $EUID -eq 0 ]] || die "run as root (apt-get install chromium chromium-driver)"
+        log "installing chromium chromium-driver"
+        export DEBIAN_FRONTEND=noninteractive
+        local apt=(apt-get -o DPkg::Lock::Timeout=300 -y -q --no-install-recommends)
+        # fonts-liberation: without any font, screenshots show boxes instead of text
+        local pkgs=(chromium chromium-driver fonts-liberation)
+        if ! "${apt[@]}" install "${pkgs[@]}" >/dev/null 2>&1; then
+            apt-get -o DPkg::Lock::Timeout=300 -q update >/dev/null
+            "${apt[@]}" install "${pkgs[@]}" >/dev/null || die "apt-get install ${pkgs[*]} failed"
+        fi
+        chromium_ok || die "chromium/chromedriver installed but do not run"
+    fi
+    log "chromium: $(chromium --version 2>/dev/null); $(chromedriver --version 2>/dev/null | cut -d' ' -f1-2)"
+}
+
 # --- commands ----------------------------------------------------------------------------------
 
 cmd_up() {
@@ -426,5 +448,6 @@ case "${1:-}" in
     up) cmd_up ;;
     down) cmd_down ;;
     status) cmd_status ;;
-    *) echo "usage: $0 up|down|status   (state dir: \$CRYOFLOW_SERVICES_DIR, default /var/lib/cryoflow-services)" >&2; exit 2 ;;
+    chromium) chromium_up ;;
+    *) echo "usage: $0 up|down|status|chromium   (state dir: \$CRYOFLOW_SERVICES_DIR, default /var/lib/cryoflow-services)" >&2; exit 2 ;;
 esac

@@ -8,6 +8,7 @@ file under a final name, and the session goes on.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -359,11 +360,9 @@ def test_unreadable_folder_is_skipped_with_a_warning(ingest: Ingest) -> None:
         capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(plugins)},
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
-    import json
-
-    files, errors = json.loads(out.stdout)
-    assert files == [MOVIE]
-    assert errors == ["Images-Disc1/locked: Permission denied"]
+    files, errors = json.loads(out.stdout.splitlines()[-1])
+    assert files == [MOVIE], out
+    assert errors == ["Images-Disc1/locked: Permission denied"], out
 
 
 # ------------------------------------------------------------------ names
@@ -426,3 +425,23 @@ def test_odd_names_through_airflow(airflow_db, site_env) -> None:
         assert Path(rows[rel].dest_path).read_bytes() == (share / rel).read_bytes()
     copied = [c["relpath"] for r in runs.runs for c in runs.batch(r).get("copied", [])]
     assert len(copied) == 3  # XCom holds them (in the ledger's text form)
+
+
+def test_form_expecting_more_frames_delays_only_the_first_movie(
+    site_env, monkeypatch, caplog
+) -> None:
+    """The form says 40 frames, the detector writes 8: the first whole movie goes after
+    ``short_after_seconds`` with a warning, the next ones at once (nothing stalls for good)."""
+    monkeypatch.setenv("CRYOFLOW_SHORT_AFTER_SECONDS", "2")
+    ingest = Ingest("short", frames=40, idle_timeout_minutes=0.01)  # idle 0.6 s: must wait
+    _write_tiff(ingest.share / MOVIE, _frames())
+    caplog.set_level(logging.WARNING)
+    event, report = ingest.batch()
+    assert event["status"] == "ready" and [c["relpath"] for c in report.copied] == [MOVIE]
+    assert any("8 of 40 frames" in r.getMessage() for r in caplog.records)
+    second = _movie_rel(5)
+    _write_tiff(ingest.share / second, _frames(seed=5))
+    started = time.monotonic()
+    event, report = ingest.batch()
+    assert [c["relpath"] for c in report.copied] == [second]
+    assert time.monotonic() - started < 2.0  # learned: 8 frames is this session's movie

@@ -26,7 +26,7 @@ import pytest
 
 from cryoflow.ledger import FileState, Ledger, StageState
 from cryoflow.share.scan import scan_tree
-from cryoflow.transfer import PARTIAL_SUFFIX
+from cryoflow.transfer import PARTIAL_SUFFIX, partial_path
 from tests.airflow_helpers import closed_by, load_dag, run_session
 from tests.conftest import ROOT
 
@@ -161,7 +161,7 @@ def test_movies_of_a_killed_copy_are_still_processed(airflow_db, site_env, engin
             fh.write(os.urandom(16 << 20))
     raw = site_env["gpfs"] / f"{datetime.now().year}" / session / "raw"
     proc = _driver("session_krios2", {"session_name": session, **FORM})
-    _wait_for("the big file's copy", lambda: any(raw.rglob(f"*zbig*{PARTIAL_SUFFIX}")), proc)
+    _wait_for("the big file's copy", lambda: partial_path(raw / big.name).exists(), proc)
     _kill(proc)
     ledger = Ledger(os.environ["CRYOFLOW_LEDGER_URL"])
     session_id = ledger.find_session("krios2", session).id
@@ -273,7 +273,7 @@ def test_operator_ends_a_session_while_a_copy_runs(airflow_db, site_env, engines
     db = _db(site_env)
     raw = site_env["gpfs"] / f"{datetime.now().year}" / session / "raw"
     proc = _driver("session_krios2", form)
-    _wait_for("the big copy", lambda: any(raw.rglob(f"*zz_big*{PARTIAL_SUFFIX}")), proc)
+    _wait_for("the big copy", lambda: partial_path(raw / "zz_big.dat").exists(), proc)
     _end_session(session)
     proc.wait(timeout=120)
     assert proc.returncode == 0, output(proc)[-3000:]

@@ -18,7 +18,9 @@ import time
 from datetime import datetime
 from pathlib import Path
 
+import numpy as np
 import pytest
+import tifffile
 
 from cryoflow.config import load_site
 from cryoflow.ledger import FileState, Ledger
@@ -88,7 +90,7 @@ def test_session_streams_movies_while_the_microscope_writes(airflow_db, site_env
         text=True,
     )
     # processing has its own end-to-end test (test_processing_e2e.py)
-    conf = {"session_name": session, "idle_timeout_minutes": 0.1, "motioncor": False}
+    conf = {"session_name": session, "idle_timeout_minutes": 0.1, "motioncor": False, "frames": 8}
     try:
         runs = run_session(dag, conf)
     finally:
@@ -131,7 +133,7 @@ DRIVER = textwrap.dedent(
     import sys
     from tests.airflow_helpers import load_dag, run_session
     dag = load_dag("session_krios2")
-    run_session(dag, {"session_name": sys.argv[1], "idle_timeout_minutes": 0.05,
+    run_session(dag, {"session_name": sys.argv[1], "idle_timeout_minutes": 0.05, "frames": 6,
                       "motioncor": False})
     """
 )
@@ -153,9 +155,8 @@ def test_session_killed_mid_transfer_resumes_without_duplicates(airflow_db, site
     share = site_env["share"] / "krios2" / session
     share.mkdir(parents=True)
     for i in range(3):  # finished K3 movies, big enough that a copy takes a while
-        with open(share / f"grid1_{i:05d}_Nov24_10.00.0{i}.tif", "wb") as fh:
-            for _ in range(6):
-                fh.write(os.urandom(16 << 20))
+        frames = np.random.default_rng(i).integers(0, 255, (6, 4096, 4096), dtype=np.uint8)
+        tifffile.imwrite(share / f"grid1_{i:05d}_Nov24_10.00.0{i}.tif", frames)
         (share / f"grid1_{i:05d}_Nov24_10.00.0{i}.tif.mdoc").write_text(
             f"[FrameSet = 0]\nNumSubFrames = {i}\n"
         )
@@ -183,7 +184,7 @@ def test_session_killed_mid_transfer_resumes_without_duplicates(airflow_db, site
 
     runs = run_session(
         load_dag("session_krios2"),
-        {"session_name": session, "idle_timeout_minutes": 0.05, "motioncor": False},
+        {"session_name": session, "idle_timeout_minutes": 0.05, "motioncor": False, "frames": 6},
     )
     assert runs.runs
     sums = _assert_complete_copy(share, raw, "krios2")

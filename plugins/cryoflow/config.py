@@ -25,6 +25,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from cryoflow.archive.settings import ArchiveConfig, CleanupConfig
 from cryoflow.compute.jobscript import DEFAULT_DIR_MODE, DEFAULT_FILE_MODE
 from cryoflow.compute.settings import ComputeBackend
 from cryoflow.share.layout import Layout
@@ -139,6 +140,12 @@ class TransferConfig(_Model):
         description="A file still incomplete (by its format) after this long unchanged is "
         "reported incomplete: its writer stopped for good.",
     )
+    short_after_seconds: float = Field(
+        30.0,
+        gt=0,
+        description="A movie whole by its format but with fewer frames than expected is "
+        "copied after this long unchanged (the form's frame count was wrong).",
+    )
     retry_seconds: float = Field(
         10.0, gt=0, description="First wait before a failed copy is tried again (doubles)."
     )
@@ -179,6 +186,7 @@ class FacilityConfig(_Model):
     permissions: PermissionsConfig = PermissionsConfig()
     transfer: TransferConfig = TransferConfig()
     processing: ProcessingConfig = ProcessingConfig()
+    archive: ArchiveConfig = ArchiveConfig()
     compute: dict[str, ComputeBackend] = Field(default_factory=dict)
     software: dict[Literal["motioncor2", "ctffind", "dogpicker"], SoftwareStep] = Field(
         default_factory=dict
@@ -251,6 +259,7 @@ class MicroscopeConfig(_Model):
     optics: OpticsConfig = OpticsConfig()
     processing: ProcessingDefaults = ProcessingDefaults()
     session: SessionDefaults = SessionDefaults()
+    cleanup: CleanupConfig = CleanupConfig()
     tags: list[str] = Field(default_factory=list)
 
 

@@ -12,7 +12,7 @@ deployment; the same code for both.
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
@@ -173,6 +173,9 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA journal_mode=WAL")
     cur.execute("PRAGMA busy_timeout=30000")
+    # WAL + NORMAL: a commit does not wait for fsync; a power cut can lose the last commits but
+    # never corrupts the ledger, and a lost "verified" is found again (identical copy in place).
+    cur.execute("PRAGMA synchronous=NORMAL")
     cur.execute("PRAGMA foreign_keys=ON")
     cur.close()
 
@@ -190,6 +193,22 @@ def get_engine(url: str) -> Engine:
         Base.metadata.create_all(engine)
         _ENGINES[url] = engine
     return engine
+
+
+class CopyStart(NamedTuple):
+    relpath: str
+    kind: str
+    size: int
+    mtime_ns: int
+    ready_at: datetime | None = None
+
+
+class Verified(NamedTuple):
+    file_id: int
+    checksum: str
+    dest_path: str
+    copy_seconds: float
+    owe: tuple[str, ...] = ()
 
 
 class CopyClaim(NamedTuple):
@@ -399,32 +418,58 @@ class Ledger:
     ) -> CopyClaim:
         """Record that a copy starts. A relpath verified before with other content starts a new
         version (its own row and destination): a verified copy is never overwritten."""
+        item = CopyStart(relpath, kind, size, mtime_ns, ready_at)
+        return self.begin_copies(session_id, [item], batch=batch)[0]
+
+    def begin_copies(
+        self, session_id: int, items: Iterable[CopyStart], *, batch: str
+    ) -> list[CopyClaim]:
+        """:meth:`begin_copy` for a whole batch: one query for the batch's existing rows, one
+        transaction (a batch of small files must not cost a commit per file)."""
+        items = list(items)
         with self._tx() as s:
-            row = s.scalar(
-                select(FileRow)
-                .where(FileRow.session_id == session_id, FileRow.relpath == relpath)
-                .order_by(FileRow.version.desc())
-                .limit(1)
-            )
-            replaces = None
-            if row is not None and row.state == FileState.VERIFIED:
-                if row.size == size and row.mtime_ns == mtime_ns:
-                    return CopyClaim(row.id, True, row.version, None)
-                replaces = row.dest_path
-                version = row.version + 1
-                row = None
-            else:
-                version = row.version if row is not None else 1
-            if row is None:
-                row = FileRow(session_id=session_id, relpath=relpath, version=version, attempts=0)
-                s.add(row)
-            row.kind, row.size, row.mtime_ns, row.batch = kind, size, mtime_ns, batch
-            row.state, row.error, row.retry_after = FileState.COPYING, None, None
-            row.attempts = (row.attempts or 0) + 1
-            row.ready_at = row.ready_at or ready_at
-            row.copy_started_at = utcnow()
+            latest: dict[str, FileRow] = {}
+            names = sorted({item.relpath for item in items})
+            for chunk in (names[i : i + 500] for i in range(0, len(names), 500)):
+                rows = s.scalars(
+                    select(FileRow)
+                    .where(FileRow.session_id == session_id, FileRow.relpath.in_(chunk))
+                    .order_by(FileRow.version)
+                )
+                latest.update((row.relpath, row) for row in rows)  # the highest version wins
+            claims = [self._begin(s, session_id, item, batch, latest) for item in items]
             s.flush()
-            return CopyClaim(row.id, False, row.version, replaces)
+            return [claim if isinstance(claim, CopyClaim) else claim() for claim in claims]
+
+    @staticmethod
+    def _begin(
+        s: Session,
+        session_id: int,
+        item: CopyStart,
+        batch: str,
+        latest: dict[str, FileRow],
+    ) -> CopyClaim | Callable[[], CopyClaim]:
+        """A claim, or (for a new row, whose id exists only after the flush) how to make it."""
+        row = latest.get(item.relpath)
+        replaces = None
+        if row is not None and row.state == FileState.VERIFIED:
+            if row.size == item.size and row.mtime_ns == item.mtime_ns:
+                return CopyClaim(row.id, True, row.version, None)
+            replaces = row.dest_path
+            version = row.version + 1
+            row = None
+        else:
+            version = row.version if row is not None else 1
+        if row is None:
+            row = FileRow(session_id=session_id, relpath=item.relpath, version=version, attempts=0)
+            s.add(row)
+            latest[item.relpath] = row
+        row.kind, row.size, row.mtime_ns, row.batch = item.kind, item.size, item.mtime_ns, batch
+        row.state, row.error, row.retry_after = FileState.COPYING, None, None
+        row.attempts = (row.attempts or 0) + 1
+        row.ready_at = row.ready_at or item.ready_at
+        row.copy_started_at = utcnow()
+        return lambda: CopyClaim(row.id, False, row.version, replaces)
 
     def mark_verified(
         self,
@@ -437,12 +482,36 @@ class Ledger:
     ) -> None:
         """The copy is checksummed at its destination; in the same transaction the movie
         starts to owe the processing steps in ``owe`` (so no crash can lose them)."""
+        self.mark_verified_many([Verified(file_id, checksum, dest_path, copy_seconds, tuple(owe))])
+
+    def mark_verified_many(self, copies: Iterable[Verified]) -> None:
+        """:meth:`mark_verified` for many copies in one transaction (one bulk UPDATE; rows are
+        loaded only for the movies that start to owe steps)."""
+        copies = list(copies)
+        if not copies:
+            return
+        now = utcnow()
         with self._tx() as s:
-            row = s.get(FileRow, file_id)
-            row.state, row.checksum, row.dest_path = FileState.VERIFIED, checksum, dest_path
-            row.verified_at, row.copy_seconds, row.error = utcnow(), copy_seconds, None
-            row.transient, row.retry_after = False, None
-            self._owe(s, row, owe)
+            s.execute(
+                update(FileRow),
+                [
+                    {
+                        "id": v.file_id,
+                        "state": FileState.VERIFIED,
+                        "checksum": v.checksum,
+                        "dest_path": v.dest_path,
+                        "verified_at": now,
+                        "copy_seconds": v.copy_seconds,
+                        "error": None,
+                        "transient": False,
+                        "retry_after": None,
+                    }
+                    for v in copies
+                ],
+            )
+            for v in copies:
+                if v.owe:
+                    self._owe(s, s.get(FileRow, v.file_id), v.owe)
 
     @staticmethod
     def _owe(s: Session, file: FileRow, stages: Iterable[str]) -> None:
@@ -761,3 +830,187 @@ class Ledger:
                     .limit(1000)
                 )
             )
+
+    # --- share cleanup
+
+    @staticmethod
+    def _newer_version(*where: Any) -> Any:
+        """EXISTS a later version of the same relpath of the same session (optionally more)."""
+        newer = FileRow.__table__.alias("newer")
+        return (
+            select(newer.c.id)
+            .where(
+                newer.c.session_id == FileRow.session_id,
+                newer.c.relpath == FileRow.relpath,
+                newer.c.version > FileRow.version,
+                *(cond(newer.c) for cond in where),
+            )
+            .exists()
+        )
+
+    @staticmethod
+    def _cleanup_done() -> Any:
+        """EXISTS a decision that took the file out of cleanup: deleted, or gone from the share."""
+        return (
+            select(CleanupRow.id)
+            .where(CleanupRow.file_id == FileRow.id, CleanupRow.action.in_(("deleted", "gone")))
+            .exists()
+        )
+
+    def cleanup_candidates(
+        self, microscope: str, *, verified_before: datetime, limit: int
+    ) -> list[tuple[FileRow, SessionRow, bool]]:
+        """What share cleanup examines: verified files of the microscope's closed sessions,
+        verified before ``verified_before``, not deleted (or found gone) by cleanup yet, each
+        relpath's latest verified version only, as (file, session, a newer version that is not
+        verified exists). Never examined first, then the least recently examined, oldest first."""
+        verified_later = self._newer_version(lambda c: c.state == FileState.VERIFIED)
+        last_checked = (
+            select(func.max(CleanupRow.checked_at))
+            .where(CleanupRow.file_id == FileRow.id)
+            .scalar_subquery()
+        )
+        query = (
+            select(FileRow, SessionRow, self._newer_version().label("newer"))
+            .join(SessionRow, SessionRow.id == FileRow.session_id)
+            .where(
+                SessionRow.microscope == microscope,
+                SessionRow.state == "closed",
+                FileRow.state == FileState.VERIFIED,
+                FileRow.verified_at <= verified_before,
+                ~verified_later,
+                ~self._cleanup_done(),
+            )
+            .order_by(last_checked.nulls_first(), FileRow.verified_at, FileRow.id)
+            .limit(limit)
+        )
+        with self._tx() as s:
+            return [(f, sess, bool(newer)) for f, sess, newer in s.execute(query)]
+
+    def cleanup_waiting(
+        self, microscope: str, *, verified_before: datetime
+    ) -> dict[str, tuple[int, int]]:
+        """Verified files cleanup does not examine yet, as (files, bytes): those of sessions
+        still running, and those verified after ``verified_before`` (too young)."""
+        base = (
+            select(func.count(), func.coalesce(func.sum(FileRow.size), 0))
+            .join(SessionRow, SessionRow.id == FileRow.session_id)
+            .where(
+                SessionRow.microscope == microscope,
+                FileRow.state == FileState.VERIFIED,
+                ~self._newer_version(lambda c: c.state == FileState.VERIFIED),
+                ~self._cleanup_done(),
+            )
+        )
+        with self._tx() as s:
+            running = s.execute(base.where(SessionRow.state != "closed")).one()
+            young = s.execute(
+                base.where(SessionRow.state == "closed", FileRow.verified_at > verified_before)
+            ).one()
+        return {
+            "session-running": (int(running[0]), int(running[1])),
+            "too-young": (int(young[0]), int(young[1])),
+        }
+
+    def running_sessions(self, microscope: str) -> dict[int, str]:
+        """Sessions of the microscope that are not closed: id -> source_root."""
+        with self._tx() as s:
+            rows = s.execute(
+                select(SessionRow.id, SessionRow.source_root).where(
+                    SessionRow.microscope == microscope, SessionRow.state != "closed"
+                )
+            )
+            return {sid: root for sid, root in rows}
+
+    def record_cleanup(
+        self,
+        *,
+        file_id: int,
+        session_id: int,
+        microscope: str,
+        action: str,
+        reason: str,
+        detail: str,
+        size: int,
+        run: str = "",
+    ) -> None:
+        """One file's cleanup decision. The same action and reason as the file's last decision
+        only update when it was last confirmed, so the table grows with changes, not runs."""
+        now = utcnow()
+        with self._tx() as s:
+            last = s.scalar(
+                select(CleanupRow)
+                .where(CleanupRow.file_id == file_id)
+                .order_by(CleanupRow.id.desc())
+                .limit(1)
+            )
+            if last is not None and (last.action, last.reason) == (action, reason):
+                last.checked_at, last.detail, last.run = now, detail[:4000], run[:250]
+                return
+            s.add(
+                CleanupRow(
+                    file_id=file_id,
+                    session_id=session_id,
+                    microscope=microscope,
+                    action=action,
+                    reason=reason,
+                    detail=detail[:4000],
+                    size=size,
+                    run=run[:250],
+                    decided_at=now,
+                    checked_at=now,
+                )
+            )
+
+    def cleanup_decisions(
+        self, *, microscope: str | None = None, session_id: int | None = None
+    ) -> list[CleanupRow]:
+        """Every recorded cleanup decision, oldest first."""
+        query = select(CleanupRow)
+        if microscope is not None:
+            query = query.where(CleanupRow.microscope == microscope)
+        if session_id is not None:
+            query = query.where(CleanupRow.session_id == session_id)
+        with self._tx() as s:
+            return list(s.scalars(query.order_by(CleanupRow.id)))
+
+    def cleanup_totals(
+        self, microscope: str, session_id: int | None = None
+    ) -> dict[str, tuple[int, int]]:
+        """(files, bytes) per action of each file's latest cleanup decision; a "would-delete"
+        counts only while its session is closed."""
+        latest = select(func.max(CleanupRow.id)).where(CleanupRow.microscope == microscope)
+        if session_id is not None:
+            latest = latest.where(CleanupRow.session_id == session_id)
+        query = (
+            select(CleanupRow.action, func.count(), func.coalesce(func.sum(CleanupRow.size), 0))
+            .join(SessionRow, SessionRow.id == CleanupRow.session_id)
+            .where(
+                CleanupRow.id.in_(latest.group_by(CleanupRow.file_id)),
+                or_(CleanupRow.action != "would-delete", SessionRow.state == "closed"),
+            )
+            .group_by(CleanupRow.action)
+        )
+        with self._tx() as s:
+            return {action: (int(n), int(b)) for action, n, b in s.execute(query)}
+
+
+class CleanupRow(Base):
+    """A share cleanup decision about one verified file: deleted from the share, kept (with
+    why), would be deleted (dry-run), or found gone from the share. A new row when the decision
+    changes; ``checked_at`` is when the same decision was last confirmed."""
+
+    __tablename__ = "cryoflow_cleanup"
+    __table_args__ = (Index("ix_cryoflow_cleanup_microscope_file", "microscope", "file_id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    file_id: Mapped[int] = mapped_column(ForeignKey("cryoflow_files.id"), index=True)
+    session_id: Mapped[int] = mapped_column(ForeignKey("cryoflow_sessions.id"), index=True)
+    microscope: Mapped[str] = mapped_column(String(64))
+    action: Mapped[str] = mapped_column(String(16))  # deleted | kept | would-delete | gone
+    reason: Mapped[str] = mapped_column(String(64))
+    detail: Mapped[str] = mapped_column(Text, default="")
+    size: Mapped[int] = mapped_column(BigInteger)
+    run: Mapped[str] = mapped_column(String(250), default="")
+    decided_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    checked_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -11,7 +11,7 @@ import logging
 import os
 import re
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -19,18 +19,24 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from cryoflow.archive.tagging import tag_verified
 from cryoflow.config import FacilityConfig, MicroscopeConfig
-from cryoflow.ledger import FileState, Ledger
+from cryoflow.ledger import CopyClaim, CopyStart, FileState, Ledger, Verified
 from cryoflow.names import from_text, shown, to_text
 from cryoflow.session_tree import SessionPaths, create_session_tree, resolve_gid
 from cryoflow.share.layout import classify
 from cryoflow.share.scan import UnsafePathError, resolve_in, safe_relpath
 from cryoflow.steps import Switches, first_steps
 from cryoflow.transfer import (
-    DestinationTakenError,
+    CHECKSUM_ALGORITHM,
+    CopyResult,
     SourceChangedError,
+    Staged,
     TransferError,
-    copy_verified,
+    commit_copy,
+    fsync_dir,
+    stage_copy,
+    sync_filesystem,
 )
 
 log = logging.getLogger(__name__)
@@ -307,6 +313,8 @@ def ingest_event(
     """What one watch event asks for: record the files whose writer gave up before they were
     whole, then copy the finished ones."""
     ledger = Ledger(facility.storage.ledger_url)
+    for warning in event.get("warnings", []):
+        log.warning("%s", warning)
     for item in event.get("incomplete", []):
         rel = from_text(item["relpath"])
         ledger.mark_incomplete(
@@ -338,106 +346,185 @@ def transfer_batch(
     """Copy a batch to ``<session>/raw`` with ``transfer.streams`` files in flight, each verified;
     one bad file never stops the rest.
 
-    A verified movie owes its processing steps from the moment it is verified (same ledger
-    transaction), whatever happens to this run afterwards. A failed copy stays owed: it is
-    offered again after a backoff, forever for a transient fault (disk full, read-only, share
-    away), up to ``transfer.max_attempts`` tries for any other.
+    The ledger is written in few transactions: one for the batch's start, and one per group of
+    verified copies (after their folders were fsync-ed), so that many small files do not cost
+    several synchronous commits each. A verified movie owes its processing steps in the
+    transaction that records it verified. A failed copy stays owed: it is offered again after a
+    backoff, forever for a transient fault (disk full, read-only, share away), up to
+    ``transfer.max_attempts`` tries for any other.
     """
     report = BatchReport(copied=[], skipped=[], failed=[], retry_later=[])
-    if not files:
-        return report
-    streams = max(1, min(facility.transfer.streams, len(files)))
-    with ThreadPoolExecutor(streams, thread_name_prefix="copy") as pool:
-        outcomes = pool.map(
-            lambda item: _transfer_one(facility, scope, handle, item, batch, switches), files
+    ledger = Ledger(facility.storage.ledger_url)
+    jobs: list[_CopyJob] = []
+    for item in files:
+        rel = from_text(item["relpath"])
+        try:
+            src = resolve_in(Path(handle.source_root), rel)
+            dst = Path(handle.dest_root) / "raw" / safe_relpath(rel)
+        except UnsafePathError as exc:
+            report.failed.append({"relpath": rel, "error": shown(exc)})
+            continue
+        ready = datetime.fromisoformat(item["ready_at"]) if item.get("ready_at") else None
+        start = CopyStart(
+            rel, str(classify(rel, scope.layout)), item["size"], item["mtime_ns"], ready
         )
-        for bucket, entry in outcomes:
+        jobs.append(_CopyJob(start, src, dst))
+    if not jobs:
+        return report
+    claims = ledger.begin_copies(handle.session_id, [j.start for j in jobs], batch=batch)
+    verified: list[tuple[Verified, dict[str, Any]]] = []
+
+    def record() -> None:
+        for folder in {Path(v.dest_path).parent for v, _ in verified}:
+            fsync_dir(folder)  # the renames are durable before the ledger says "verified"
+        ledger.mark_verified_many(v for v, _ in verified)
+        report.copied.extend(entry for _, entry in verified)
+        verified.clear()
+
+    streams = max(1, min(facility.transfer.streams, len(jobs)))
+    recorded_at = time.monotonic()
+    staged: list[tuple[_CopyJob, CopyClaim, Staged, float]] = []
+
+    def settle(outcome: tuple[str, Any, Verified | None]) -> None:
+        nonlocal recorded_at
+        bucket, entry, done = outcome
+        if done is None:
             getattr(report, bucket).append(entry)
+            return
+        verified.append((done, entry))
+        if len(verified) >= 64 or time.monotonic() - recorded_at >= 1.0:
+            record()
+            recorded_at = time.monotonic()
+
+    with ThreadPoolExecutor(streams, thread_name_prefix="copy") as pool:
+        futures = [
+            pool.submit(_stage_one, facility, handle, job, claim, switches)
+            for job, claim in zip(jobs, claims, strict=True)
+        ]
+        for future in as_completed(futures):
+            outcome = future.result()
+            if isinstance(outcome[2], Staged):
+                staged.append((outcome[0], outcome[1], outcome[2], outcome[3]))
+            else:
+                settle(outcome)
+        if staged:  # small files: one sync for all, then each is read back and named
+            sync_filesystem(Path(handle.dest_root))
+            futures = [pool.submit(_finish_one, facility, handle, *s, switches) for s in staged]
+            for future in as_completed(futures):
+                settle(future.result())
+    record()
     return report
 
 
-def _transfer_one(
+@dataclass(frozen=True)
+class _CopyJob:
+    start: CopyStart
+    src: Path
+    dst: Path
+
+
+# Below this size a file is not fsync-ed on its own: a batch's small files share one sync.
+SMALL_FILE_BYTES = 4 << 20
+
+
+def _stage_one(
     facility: FacilityConfig,
-    scope: MicroscopeConfig,
     handle: SessionHandle,
-    item: dict[str, Any],
-    batch: str,
+    job: _CopyJob,
+    claim: CopyClaim,
     switches: Switches,
-) -> tuple[str, Any]:
-    """One file of a batch: (report bucket, entry). Never raises for a file's own trouble."""
-    ledger = Ledger(facility.storage.ledger_url)
-    rel = from_text(item["relpath"])
-    try:
-        src = resolve_in(Path(handle.source_root), rel)
-        dst = Path(handle.dest_root) / "raw" / safe_relpath(rel)
-    except UnsafePathError as exc:
-        return "failed", {"relpath": rel, "error": shown(exc)}
-    kind = str(classify(rel, scope.layout))
-    claim = ledger.begin_copy(
-        handle.session_id,
-        rel,
-        kind=kind,
-        size=item["size"],
-        mtime_ns=item["mtime_ns"],
-        batch=batch,
-        ready_at=datetime.fromisoformat(item["ready_at"]) if item.get("ready_at") else None,
-    )
-    if claim.already and dst.exists():
-        return "skipped", rel
-    version = claim.version
+) -> tuple[Any, ...]:
+    """One file of a batch, in a pool thread: (report bucket, entry, what to record verified),
+    or, for a small file, (job, claim, Staged, start time) to finish after the batch's sync.
+    Never raises for a file's own trouble; a failure is recorded at once."""
+    rel = job.start.relpath
+    if claim.already and job.dst.exists():
+        return "skipped", rel, None
     started = time.monotonic()
     try:
-        while True:
-            target = versioned(dst, version)
-            try:
-                result = copy_verified(
-                    src,
-                    target,
-                    file_mode=facility.permissions.file_mode,
-                    dir_mode=facility.permissions.dir_mode,
-                    chunk_bytes=facility.transfer.chunk_mib << 20,
-                    expected=(item["size"], item["mtime_ns"]),
-                )
-                break
-            except DestinationTakenError as exc:  # not in the ledger: kept, copy goes beside
-                log.warning("%s", shown(exc))
-                version += 1
-    except SourceChangedError as exc:
+        staged = stage_copy(
+            job.src,
+            versioned(job.dst, claim.version),
+            file_mode=facility.permissions.file_mode,
+            dir_mode=facility.permissions.dir_mode,
+            chunk_bytes=facility.transfer.chunk_mib << 20,
+            expected=(job.start.size, job.start.mtime_ns),
+            durable=job.start.size >= SMALL_FILE_BYTES,
+        )
+    except TransferError as exc:
+        return _failed(facility, claim, rel, exc)
+    if isinstance(staged, CopyResult):  # identical copy already in place
+        target = versioned(job.dst, claim.version)
+        return _verified(facility, handle, job, claim, staged, target, started, switches)
+    if job.start.size < SMALL_FILE_BYTES:
+        return job, claim, staged, started
+    return _finish_one(facility, handle, job, claim, staged, started, switches)
+
+
+def _finish_one(
+    facility: FacilityConfig,
+    handle: SessionHandle,
+    job: _CopyJob,
+    claim: CopyClaim,
+    staged: Staged,
+    started: float,
+    switches: Switches,
+) -> tuple[str, Any, Verified | None]:
+    """Read the staged copy back and name it: the first free version of its name."""
+    names = (versioned(job.dst, v) for v in range(claim.version, claim.version + 1000))
+    try:
+        result, target = commit_copy(staged, names)
+    except TransferError as exc:
+        return _failed(facility, claim, job.start.relpath, exc)
+    return _verified(facility, handle, job, claim, result, target, started, switches)
+
+
+def _failed(
+    facility: FacilityConfig, claim: CopyClaim, rel: str, exc: TransferError
+) -> tuple[str, Any, None]:
+    ledger = Ledger(facility.storage.ledger_url)
+    if isinstance(exc, SourceChangedError):
         ledger.release(claim.file_id, str(exc))
         log.info("%s", shown(exc))
-        return "retry_later", rel
-    except TransferError as exc:
-        attempts = ledger.attempts(claim.file_id)
-        ledger.mark_failed(
-            claim.file_id,
-            shown(exc),
-            transient=exc.transient,
-            retry_after=_retry_at(facility, attempts),
-        )
-        if exc.transient:
-            why = "transient fault: offered again, however long it takes"
-        else:
-            tries = facility.transfer.max_attempts
-            why = f"try {attempts} of {tries}" + (
-                ", now waits for a person" if attempts >= tries else ", offered again"
-            )
-        log.error("FAILED %s (%s): %s", shown(rel), why, shown(exc))
-        return "failed", {"relpath": rel, "error": shown(exc)}
-    seconds = time.monotonic() - started
-    ledger.mark_verified(
+        return "retry_later", rel, None
+    attempts = ledger.attempts(claim.file_id)
+    ledger.mark_failed(
         claim.file_id,
-        checksum=result.checksum,
-        dest_path=str(target),
-        copy_seconds=seconds,
-        owe=first_steps(switches, kind),
+        shown(exc),
+        transient=exc.transient,
+        retry_after=_retry_at(facility, attempts),
     )
-    mb = result.size / 1e6
+    if exc.transient:
+        why = "transient fault: offered again, however long it takes"
+    else:
+        tries = facility.transfer.max_attempts
+        why = f"try {attempts} of {tries}" + (
+            ", now waits for a person" if attempts >= tries else ", offered again"
+        )
+    log.error("FAILED %s (%s): %s", shown(rel), why, shown(exc))
+    return "failed", {"relpath": rel, "error": shown(exc)}, None
+
+
+def _verified(
+    facility: FacilityConfig,
+    handle: SessionHandle,
+    job: _CopyJob,
+    claim: CopyClaim,
+    result: CopyResult,
+    target: Path,
+    started: float,
+    switches: Switches,
+) -> tuple[str, Any, Verified]:
+    rel, dst, kind = job.start.relpath, job.dst, job.start.kind
+    seconds = time.monotonic() - started
+    _tag(facility, handle, target, result.checksum)
     if claim.replaces is not None or target != dst:
         log.warning(
             "%s changed on the share after it was verified: the new content is copied to %s, "
             "the earlier copy %s is kept",
             shown(rel), shown(target), shown(claim.replaces or dst),
         )  # fmt: skip
+    mb = result.size / 1e6
     if result.copied:
         log.info(
             "copied %s (%.1f MB, %.0f MB/s, xxh3 %s)",
@@ -446,7 +533,27 @@ def _transfer_one(
     else:
         log.info("already in place and identical: %s", shown(rel))
     entry = {"relpath": rel, "file_id": claim.file_id, "kind": kind, "dest": str(target)}
-    return "copied", entry
+    owe = tuple(first_steps(switches, kind))
+    return "copied", entry, Verified(claim.file_id, result.checksum, str(target), seconds, owe)
+
+
+def _tag(facility: FacilityConfig, handle: SessionHandle, path: Path, checksum: str) -> None:
+    """Archive attributes on the verified copy (the HSM policy migrates what carries them). A
+    file system without user xattrs only means the file stays on disk: logged, not failed."""
+    archive = facility.archive
+    if not archive.tagging:
+        return
+    try:
+        tag_verified(
+            path,
+            prefix=archive.xattr_prefix,
+            session=Path(handle.dest_root).name,
+            checksum=f"{CHECKSUM_ALGORITHM}:{checksum}",
+            archive_class=archive.archive_class,
+            verified_at=datetime.now(UTC),
+        )
+    except OSError as exc:
+        log.warning("%s verified but not tagged for the archive: %s", shown(path), shown(exc))
 
 
 def close_session(

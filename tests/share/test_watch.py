@@ -79,7 +79,7 @@ def test_done_files_are_not_offered_again_unless_changed(tmp_path: Path) -> None
     assert [x["relpath"] for x in watch.poll(3.0).files] == ["a.dat"]
 
 
-def test_idle_timeout_counts_from_last_change(tmp_path: Path) -> None:
+def test_idle_timeout_counts_from_last_change_once_nothing_is_on_its_way(tmp_path: Path) -> None:
     g = tmp_path / "slow.dat"
     g.write_bytes(b"1")
     watch = ShareWatch(
@@ -88,8 +88,9 @@ def test_idle_timeout_counts_from_last_change(tmp_path: Path) -> None:
     watch.poll(0.0)
     g.write_bytes(b"12")
     assert watch.poll(4.0).status == "wait"
-    assert watch.poll(8.0).status == "wait"  # 4 s since the last change
-    assert watch.poll(9.5).status == "ended"
+    assert watch.poll(9.5).status == "wait"  # quiet for 5.5 s, but still settling
+    g.unlink()  # gone from the share (renamed by the microscope PC): nothing on its way
+    assert watch.poll(9.6).status == "ended"
 
 
 def test_end_time_ends_the_session(tmp_path: Path) -> None:

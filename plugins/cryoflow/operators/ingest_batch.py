@@ -64,6 +64,7 @@ def watch_trigger(
         layout=str(scope.layout),
         expected_frames=params.frames,
         incomplete_after_seconds=transfer.incomplete_after_seconds,
+        short_after_seconds=transfer.short_after_seconds,
     )
 
 

@@ -34,6 +34,9 @@ class WatchSettings:
     layout: str = "epu"
     expected_frames: int | None = None  # frames per movie (the session form), TIFF/MRC only
     incomplete_after_seconds: float = 600.0
+    # A movie whole by its format but with fewer frames than expected goes after this long
+    # unchanged (its writer is not pausing: the form's frame count is wrong), with a warning.
+    short_after_seconds: float = 30.0
 
 
 @dataclass
@@ -46,6 +49,7 @@ class Outcome:
     pending: int = 0
     # Unchanged for ``incomplete_after_seconds`` and still not whole: the writer gave up.
     incomplete: list[dict[str, Any]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
     def payload(self) -> dict[str, Any]:
         """JSON-safe: relpaths in the ledger's lossless text form, messages escaped."""
@@ -57,6 +61,7 @@ class Outcome:
             "errors": [shown(e) for e in self.errors[:50]],
             "pending": self.pending,
             "incomplete": self.incomplete,
+            "warnings": [shown(w) for w in self.warnings],
         }
 
 
@@ -85,28 +90,46 @@ class ShareWatch:
         self.backing_off = dict(backing_off or {})
         self.checker = checker or (lambda p, n: check_complete(p, expected_frames=n))
         self._verdicts: dict[str, tuple[FileStat, Completeness]] = {}
+        # Frames per movie: the form's count until a whole movie shows another one.
+        self.frames = settings.expected_frames
+        self._held: dict[str, str] = {}  # quiet, not whole (yet): relpath -> why
 
     def _is_done(self, rel: str, stat: FileStat, now: float) -> bool:
         if now < self.backing_off.get(rel, 0.0):
             return True
         return self.done.get(rel) == (stat.size, stat.mtime_ns)
 
-    def _expected_frames(self, rel: str) -> int | None:
-        """The form's frame count applies to TIFF and MRC movies; an EER holds raw frames,
-        not the fractions the form counts, and other files have no frames."""
-        s = self.settings
-        if s.expected_frames is None or PurePosixPath(rel).suffix.lower() == ".eer":
-            return None
-        return s.expected_frames if classify(rel, Layout(s.layout)) is FileKind.MOVIE else None
+    def _counts_frames(self, rel: str) -> bool:
+        """The frame count applies to TIFF and MRC movies; an EER holds raw frames, not the
+        fractions the form counts, and other files have no frames."""
+        if PurePosixPath(rel).suffix.lower() == ".eer":
+            return False
+        return classify(rel, Layout(self.settings.layout)) is FileKind.MOVIE
 
     def _completeness(self, rel: str, stat: FileStat) -> Completeness:
-        """Checked once per size and mtime (a header and the page table, not the data)."""
+        """Whole by its format: checked once per size and mtime (a header and the page table,
+        never the data). The frame count is compared by the caller."""
         cached = self._verdicts.get(rel)
         if cached is not None and cached[0] == stat:
             return cached[1]
-        verdict = self.checker(self.settings.root / rel, self._expected_frames(rel))
+        verdict = self.checker(self.settings.root / rel, None)
         self._verdicts[rel] = (stat, verdict)
         return verdict
+
+    def _readiness(self, rel: str, stat: FileStat, now: float) -> tuple[str, str]:
+        """("ready" | "held" | "abandoned", why) for a file quiet for the settle time."""
+        s = self.settings
+        verdict = self._completeness(rel, stat)
+        quiet = self.tracker.unchanged_for(rel, now)
+        if not verdict.complete:
+            return ("abandoned" if quiet >= s.incomplete_after_seconds else "held"), verdict.reason
+        frames, expected = verdict.frames, self.frames
+        if frames is None or expected is None or frames >= expected or not self._counts_frames(rel):
+            return "ready", ""
+        why = f"{frames} of {expected} frames"
+        if quiet < s.short_after_seconds:
+            return "held", why  # most likely its writer is between two frames
+        return "ready", why
 
     def poll(self, now: float, wall: datetime | None = None) -> Outcome:
         s = self.settings
@@ -119,21 +142,29 @@ class ShareWatch:
         for rel in [r for r in self._verdicts if r not in todo]:
             del self._verdicts[rel]
         obs = self.tracker.observe(todo, now)
-        ready, settling, abandoned = set(), set(obs.settling), []
+        ready, settling, abandoned, warnings = set(), set(obs.settling), [], []
         errors = list(scan.errors)
+        self._held = {}
         for rel in obs.ready:
             try:
-                verdict = self._completeness(rel, todo[rel])
+                state, why = self._readiness(rel, todo[rel], now)
             except OSError as exc:  # vanished or unreadable since the scan: the next poll sees
                 errors.append(f"{rel}: {exc.strerror or exc}")
                 settling.add(rel)
                 continue
-            if verdict.complete:
+            if state == "ready":
                 ready.add(rel)
-            elif self.tracker.unchanged_for(rel, now) >= s.incomplete_after_seconds:
-                abandoned.append({**self._entry(rel, todo[rel], wall), "why": verdict.reason})
+                if why:  # whole, but shorter than expected for longer than a writer pauses
+                    warnings.append(
+                        f"{rel}: {why}; copied as a whole movie: the session's movies have "
+                        f"{self._completeness(rel, todo[rel]).frames} frames from now on"
+                    )
+                    self.frames = self._completeness(rel, todo[rel]).frames
+            elif state == "abandoned":
+                abandoned.append({**self._entry(rel, todo[rel], wall), "why": why})
             else:
                 settling.add(rel)  # quiet but not whole: its writer may only be pausing
+                self._held[rel] = why
         if obs.changed:
             self.last_activity = now
         if ready and self.first_ready_at is None:
@@ -157,9 +188,15 @@ class ShareWatch:
                 errors=errors,
                 pending=len(todo) - len(files) - len(abandoned),
                 incomplete=abandoned,
+                warnings=warnings,
             )
-        out = self._idle_or_wait(now, wall, errors=errors)
-        out.refused, out.pending = scan.refused, len(todo)
+        out = self._idle_or_wait(now, wall, errors=errors, pending=len(todo))
+        out.refused, out.pending, out.warnings = scan.refused, len(todo), warnings
+        if out.status == "ended":  # what was still not whole is recorded, never just dropped
+            out.incomplete = [
+                {**self._entry(rel, todo[rel], wall), "why": f"{why} when the session ended"}
+                for rel, why in sorted(self._held.items())
+            ]
         return out
 
     @staticmethod
@@ -171,11 +208,16 @@ class ShareWatch:
             "ready_at": wall.isoformat(),
         }
 
-    def _idle_or_wait(self, now: float, wall: datetime, errors: list[str]) -> Outcome:
+    def _idle_or_wait(
+        self, now: float, wall: datetime, errors: list[str], pending: int = 0
+    ) -> Outcome:
+        """The end time ends a session whatever is on its way; idleness only once nothing is
+        (a quiet file not yet whole, or still settling, is on its way)."""
         s = self.settings
         if s.deadline is not None and wall >= s.deadline:
             return Outcome("ended", reason=f"session end time {s.deadline.isoformat()} reached")
-        if self.first_ready_at is None and now - self.last_activity >= s.idle_timeout_seconds:
+        idle = now - self.last_activity >= s.idle_timeout_seconds
+        if self.first_ready_at is None and idle and not pending:
             minutes = s.idle_timeout_seconds / 60
             return Outcome("ended", reason=f"no new files for {minutes:g} min (idle timeout)")
         return Outcome("wait", errors=errors)

@@ -70,6 +70,9 @@ class DoneFilesCache:
 
 DONE_FILES = DoneFilesCache()
 
+# In the saved watch state beside the relpaths (which never start with "/"): frames per movie.
+FRAMES_KEY = "/frames"
+
 
 class ShareWatchTrigger(BaseTrigger):
     def __init__(
@@ -91,6 +94,7 @@ class ShareWatchTrigger(BaseTrigger):
         layout: str = "epu",
         expected_frames: int | None = None,
         incomplete_after_seconds: float = 600.0,
+        short_after_seconds: float = 30.0,
     ) -> None:
         super().__init__()
         self.root = root
@@ -109,6 +113,7 @@ class ShareWatchTrigger(BaseTrigger):
         self.layout = layout
         self.expected_frames = expected_frames
         self.incomplete_after_seconds = incomplete_after_seconds
+        self.short_after_seconds = short_after_seconds
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return (
@@ -130,6 +135,7 @@ class ShareWatchTrigger(BaseTrigger):
                 "layout": self.layout,
                 "expected_frames": self.expected_frames,
                 "incomplete_after_seconds": self.incomplete_after_seconds,
+                "short_after_seconds": self.short_after_seconds,
             },
         )
 
@@ -145,6 +151,7 @@ class ShareWatchTrigger(BaseTrigger):
             layout=self.layout,
             expected_frames=self.expected_frames,
             incomplete_after_seconds=self.incomplete_after_seconds,
+            short_after_seconds=self.short_after_seconds,
         )
 
     # -- work done in a thread (blocking filesystem and database calls) --------------------
@@ -154,9 +161,8 @@ class ShareWatchTrigger(BaseTrigger):
         done = DONE_FILES.get(ledger, self.session_id, self.max_attempts)
         now = time.monotonic()
         settings = self._settings()
-        tracker = StabilityTracker.restore(
-            settings.settle_seconds, ledger.watch_state(self.session_id), now
-        )
+        state = ledger.watch_state(self.session_id)
+        tracker = StabilityTracker.restore(settings.settle_seconds, state, now)
         wall = utcnow()
         backing_off = {
             rel: now + (when - wall).total_seconds()
@@ -166,7 +172,11 @@ class ShareWatchTrigger(BaseTrigger):
             "Watching %s (%d files already done, %d failed copies waiting to be tried again)",
             self.root, len(done), len(backing_off),
         )  # fmt: skip
-        return ShareWatch(settings, done, started=now, tracker=tracker, backing_off=backing_off)
+        watch = ShareWatch(settings, done, started=now, tracker=tracker, backing_off=backing_off)
+        learned = state.get(FRAMES_KEY)
+        if isinstance(learned, list) and learned and type(learned[0]) is int and learned[0] > 0:
+            watch.frames = learned[0]  # what the session's movies showed, over the form's
+        return watch
 
     def _poll(self, watch: ShareWatch) -> Outcome:
         ledger = Ledger(self.ledger_url)
@@ -177,7 +187,10 @@ class ShareWatchTrigger(BaseTrigger):
         outcome = watch.poll(now)
         if outcome.status != "wait":
             # Files still settling keep their stability for the next batch run's watch.
-            ledger.save_watch_state(self.session_id, watch.tracker.snapshot(now))
+            state: dict[str, Any] = watch.tracker.snapshot(now)
+            if watch.frames is not None:
+                state[FRAMES_KEY] = [watch.frames]
+            ledger.save_watch_state(self.session_id, state)
         return outcome
 
     # -- the loop --------------------------------------------------------------------------

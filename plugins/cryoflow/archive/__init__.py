@@ -1,0 +1,1 @@
+"""After the copy: tagging verified data for TSM HSM tape migration, and freeing the share."""

@@ -1,0 +1,377 @@
+"""Helpers for the UI tests: a live ``airflow standalone`` and a headless Chromium driving it.
+
+The browser is driven through chromedriver's W3C WebDriver HTTP protocol with ``httpx`` (already in
+the pinned set), so the tests need no extra Python package: only Debian's ``chromium`` and
+``chromium-driver`` (``scripts/services.sh chromium`` installs them).
+
+Under CI (CI=true) a browser or an Airflow that cannot be started FAILS the test; elsewhere it
+is skipped with the reason, as for the other services (tests/services_fixtures.py).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SERVICES_SH = ROOT / "scripts" / "services.sh"
+CHROMIUM = "/usr/bin/chromium"
+CHROMEDRIVER = "/usr/bin/chromedriver"
+# The flags measured to work for headless Chromium on this machine kind (ENVIRONMENT-NOTES).
+CHROMIUM_FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-quic",
+    "--disable-dev-shm-usage",
+    "--window-size=1400,2000",
+)
+# W3C WebDriver: the key of an element reference in JSON
+ELEMENT_KEY = "element-6066-11e4-a52e-4f735466cecf"
+
+T = TypeVar("T")
+
+
+def unavailable(reason: str) -> None:
+    """Skip locally, fail under CI (where the test must run)."""
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"UI test prerequisites unavailable under CI: {reason}", pytrace=False)
+    pytest.skip(f"UI test prerequisites unavailable: {reason}")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(what: str, check: Callable[[], T], timeout: float, interval: float = 0.25) -> T:
+    """Poll ``check`` until it returns something truthy (exceptions count as not yet)."""
+    deadline = time.monotonic() + timeout
+    last: BaseException | None = None
+    while True:
+        try:
+            value = check()
+            if value:
+                return value
+        except Exception as exc:  # noqa: BLE001 - polled; the last one is reported
+            last = exc
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}: {last!r}")
+        time.sleep(interval)
+
+
+# --- the browser ---------------------------------------------------------------------------------
+
+
+def ensure_chromium() -> None:
+    """Chromium and chromedriver present, installed by scripts/services.sh when root."""
+    if Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists():
+        return
+    if os.geteuid() != 0:
+        unavailable(f"{CHROMIUM} / {CHROMEDRIVER} missing (as root: scripts/services.sh chromium)")
+    try:
+        done = subprocess.run(
+            [str(SERVICES_SH), "chromium"], capture_output=True, text=True, timeout=600
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        unavailable(f"scripts/services.sh chromium: {exc}")
+    if done.returncode != 0 or not Path(CHROMEDRIVER).exists():
+        unavailable(f"scripts/services.sh chromium exited {done.returncode}: {done.stderr[-2000:]}")
+
+
+class WebDriverError(RuntimeError):
+    pass
+
+
+@dataclass
+class Element:
+    browser: Browser
+    id: str
+
+    def _call(self, method: str, path: str, payload: Any = None) -> Any:
+        return self.browser._call(method, f"/element/{self.id}{path}", payload)
+
+    def click(self) -> None:
+        self._call("POST", "/click", {})
+
+    def clear(self) -> None:
+        self._call("POST", "/clear", {})
+
+    def send_keys(self, text: str) -> None:
+        self._call("POST", "/value", {"text": text})
+
+    @property
+    def text(self) -> str:
+        return self._call("GET", "/text")
+
+    def attribute(self, name: str) -> str | None:
+        return self._call("GET", f"/attribute/{name}")
+
+    def prop(self, name: str) -> Any:
+        return self._call("GET", f"/property/{name}")
+
+    def find(self, css: str) -> Element:
+        found = self._call("POST", "/element", {"using": "css selector", "value": css})
+        return Element(self.browser, found[ELEMENT_KEY])
+
+    def screenshot(self, path: Path) -> Path:
+        path.write_bytes(base64.b64decode(self._call("GET", "/screenshot")))
+        return path
+
+
+class Browser:
+    """One chromedriver process and one headless Chromium session."""
+
+    def __init__(self, profile_dir: Path, log_path: Path) -> None:
+        self.port = free_port()
+        self._log = log_path.open("wb")
+        self.proc = subprocess.Popen(
+            [CHROMEDRIVER, f"--port={self.port}", "--allowed-ips=127.0.0.1"],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self.http = httpx.Client(base_url=f"http://127.0.0.1:{self.port}", timeout=60)
+        self.session_id = ""
+        try:
+            wait_for("chromedriver", lambda: self.http.get("/status").json()["value"]["ready"], 20)
+            caps = {
+                "capabilities": {
+                    "alwaysMatch": {
+                        "browserName": "chrome",
+                        "goog:chromeOptions": {
+                            "binary": CHROMIUM,
+                            "args": [*CHROMIUM_FLAGS, f"--user-data-dir={profile_dir}"],
+                        },
+                    }
+                }
+            }
+            value = self._raw("POST", "/session", caps)
+            self.session_id = value["sessionId"]
+        except BaseException:
+            self.close()
+            raise
+
+    def _raw(self, method: str, path: str, payload: Any = None) -> Any:
+        resp = self.http.request(method, path, json=payload)
+        body = resp.json()
+        value = body.get("value")
+        if resp.status_code >= 400 or (isinstance(value, dict) and "error" in value):
+            raise WebDriverError(f"{method} {path}: {resp.status_code} {json.dumps(value)[:1000]}")
+        return value
+
+    def _call(self, method: str, path: str, payload: Any = None) -> Any:
+        return self._raw(method, f"/session/{self.session_id}{path}", payload)
+
+    def get(self, url: str) -> None:
+        self._call("POST", "/url", {"url": url})
+
+    @property
+    def url(self) -> str:
+        return self._call("GET", "/url")
+
+    def find_all(self, css: str) -> list[Element]:
+        found = self._call("POST", "/elements", {"using": "css selector", "value": css})
+        return [Element(self, f[ELEMENT_KEY]) for f in found]
+
+    def find(self, css: str) -> Element:
+        found = self._call("POST", "/element", {"using": "css selector", "value": css})
+        return Element(self, found[ELEMENT_KEY])
+
+    def find_xpath(self, xpath: str) -> list[Element]:
+        found = self._call("POST", "/elements", {"using": "xpath", "value": xpath})
+        return [Element(self, f[ELEMENT_KEY]) for f in found]
+
+    def wait_css(self, css: str, timeout: float = 30) -> Element:
+        return wait_for(f"element {css!r}", lambda: self.find_all(css)[0], timeout)
+
+    def wait_xpath(self, xpath: str, timeout: float = 30) -> Element:
+        return wait_for(f"element {xpath!r}", lambda: self.find_xpath(xpath)[0], timeout)
+
+    def script(self, source: str, *args: Any) -> Any:
+        def arg(a: Any) -> Any:
+            return {ELEMENT_KEY: a.id} if isinstance(a, Element) else a
+
+        return self._call(
+            "POST", "/execute/sync", {"script": source, "args": [arg(a) for a in args]}
+        )
+
+    def screenshot(self, path: Path) -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(base64.b64decode(self._call("GET", "/screenshot")))
+        return path
+
+    def full_screenshot(self, path: Path) -> Path:
+        """The whole page, not only the window: the window is stretched to the page's height."""
+        height = self.script(
+            "return Math.max(document.body.scrollHeight,"
+            " ...[...document.querySelectorAll('*')].map(e => e.scrollHeight));"
+        )
+        self._call("POST", "/window/rect", {"width": 1400, "height": min(int(height) + 200, 8000)})
+        try:
+            return self.screenshot(path)
+        finally:
+            self._call("POST", "/window/rect", {"width": 1400, "height": 2000})
+
+    def close(self) -> None:
+        if self.session_id:
+            with suppress(Exception):
+                self.http.delete(f"/session/{self.session_id}", timeout=20)
+            self.session_id = ""
+        with suppress(Exception):
+            self.http.close()
+        if self.proc.poll() is None:
+            with suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                with suppress(ProcessLookupError):
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(5)
+        self._log.close()
+
+
+# --- a live Airflow ------------------------------------------------------------------------------
+
+
+@dataclass
+class LiveAirflow:
+    base_url: str
+    home: Path
+    log: Path
+    password: str
+    proc: subprocess.Popen
+
+    def api(self) -> httpx.Client:
+        token = httpx.post(
+            f"{self.base_url}/auth/token",
+            json={"username": "admin", "password": self.password},
+            timeout=30,
+        )
+        token.raise_for_status()
+        return httpx.Client(
+            base_url=f"{self.base_url}/api/v2",
+            headers={"Authorization": f"Bearer {token.json()['access_token']}"},
+            timeout=30,
+        )
+
+
+def airflow_env(home: Path, port: int, site: dict[str, str]) -> dict[str, str]:
+    """The environment of scripts/demo.sh, for a fresh home, on ``port``."""
+    venv_bin = str(Path(sys.executable).parent)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW")}
+    env.update(
+        {
+            "PATH": f"{venv_bin}:{env.get('PATH', '')}",
+            "AIRFLOW_HOME": str(home),
+            "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
+            "AIRFLOW__CORE__PLUGINS_FOLDER": str(ROOT / "plugins"),
+            "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+            "AIRFLOW__CORE__PARALLELISM": "4",
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home}/airflow.db",
+            "AIRFLOW__API__HOST": "127.0.0.1",
+            "AIRFLOW__API__PORT": str(port),
+            "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{port}/execution/",
+            "AIRFLOW__API_AUTH__JWT_SECRET": "cryoflow-ui-tests-only",
+            "AIRFLOW__API__SECRET_KEY": "cryoflow-ui-tests-only",
+            # other standalones (a demo, a colleague's test) may hold the default 8793/8794
+            "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(free_port()),
+            "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(free_port()),
+            "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
+            "AIRFLOW__SCHEDULER__MIN_FILE_PROCESS_INTERVAL": "10",
+            "CRYOFLOW_CONFIG_DIR": str(ROOT / "config"),
+            **site,
+        }
+    )
+    return env
+
+
+def _group_members(pgid: int) -> list[int]:
+    """Live (not zombie) processes of a process group."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with suppress(OSError, ValueError, IndexError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[2]) == pgid and fields[0] not in "ZX":
+                members.append(int(stat.parent.name))
+    return members
+
+
+def stop_process_group(proc: subprocess.Popen, grace: float = 30) -> None:
+    """Stop standalone as scripts/demo.sh does: SIGINT to the whole group (the parent ignores it,
+    its components shut down gracefully), SIGTERM to the parent once they are gone (or after
+    ``grace``), SIGKILL to whatever is left of the group."""
+    pgid = proc.pid  # started with start_new_session: its own group
+    if proc.poll() is None:
+        with suppress(ProcessLookupError):
+            os.killpg(pgid, signal.SIGINT)
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline and set(_group_members(pgid)) - {proc.pid}:
+            time.sleep(0.25)
+        proc.terminate()
+        with suppress(subprocess.TimeoutExpired):
+            proc.wait(5)
+    # children that outlived the parent (they keep the ports) go too
+    with suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGKILL)
+    with suppress(subprocess.TimeoutExpired):
+        proc.wait(5)
+
+
+@contextmanager
+def live_airflow(home: Path, site: dict[str, str], timeout: float = 240) -> Iterator[LiveAirflow]:
+    """``airflow standalone`` on a free port with scripts/demo.sh's settings (it migrates the fresh
+    SQLite database itself); yields once the API server answers. ~30 s on a quiet 2-core machine,
+    minutes when the machine is busy (``timeout``)."""
+    home.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    env = airflow_env(home, port, site)
+    airflow = shutil.which("airflow", path=env["PATH"]) or "airflow"
+    log = home / "standalone.log"
+    with log.open("wb") as out:
+        # the parent ignores SIGINT (as in scripts/demo.sh): see stop_process_group
+        proc = subprocess.Popen(
+            ["bash", "-c", 'trap "" INT; exec "$0" standalone', airflow],
+            env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    try:
+
+        def healthy() -> bool:
+            if proc.poll() is not None:
+                raise RuntimeError(f"standalone exited {proc.returncode}")
+            return httpx.get(f"{base}/api/v2/monitor/health", timeout=5).status_code == 200
+
+        try:
+            wait_for(f"Airflow UI on {base}", healthy, timeout)
+            pw_file = home / "simple_auth_manager_passwords.json.generated"
+            password = wait_for(
+                "admin password", lambda: json.loads(pw_file.read_text())["admin"], 30
+            )
+        except (AssertionError, RuntimeError) as exc:
+            unavailable(f"airflow standalone: {exc}\n{log.read_text()[-3000:]}")
+        yield LiveAirflow(base_url=base, home=home, log=log, password=password, proc=proc)
+    finally:
+        stop_process_group(proc)
