@@ -22,7 +22,8 @@ def test_every_microscope_yields_an_ingest_and_a_processing_dag(airflow_db) -> N
     bag = _bag()
     assert bag.import_errors == {}
     scopes = sorted(p.stem for p in (ROOT / "config" / "microscopes").glob("*.yaml"))
-    expected = ["end_session"] + [f"{kind}_{s}" for kind in ("process", "session") for s in scopes]
+    kinds = ("process", "session", "cleanup")
+    expected = ["end_session"] + [f"{kind}_{s}" for kind in kinds for s in scopes]
     assert sorted(bag.dag_ids) == sorted(expected)
     dag = bag.get_dag("session_krios2")
     assert dag.is_paused_upon_creation is True
@@ -45,6 +46,12 @@ def test_every_microscope_yields_an_ingest_and_a_processing_dag(airflow_db) -> N
     assert [a.uri for a in proc.timetable.asset_condition.objects] == [outlet.uri]
     # and a periodic run settles what a killed run left when no batch follows
     assert proc.timetable.timetable.expression == "*/10 * * * *"
+    # share cleanup: one task, paused when created, hourly, a dry run when triggered by hand
+    cleanup = bag.get_dag("cleanup_krios2")
+    assert cleanup.task_ids == ["cleanup"] and cleanup.is_paused_upon_creation is True
+    assert cleanup.max_active_runs == 1 and cleanup.timetable.expression == "23 * * * *"
+    assert cleanup.params["dry_run"] is True
+    assert "cleanup.mode: off" in cleanup.description  # the shipped default
 
 
 def test_bad_microscope_file_is_an_import_error_naming_file_and_key(
@@ -56,10 +63,12 @@ def test_bad_microscope_file_is_an_import_error_naming_file_and_key(
     path.write_text(path.read_text().replace("kv: 300", "kv: three hundred"))
     monkeypatch.setenv("CRYOFLOW_CONFIG_DIR", str(cfg))
     errors = _bag().import_errors
-    (message,) = errors.values()
-    assert "krios1.yaml" in message and "optics.kv" in message and "three hundred" in message
-    # the message is the error, not a deep traceback
-    assert message.strip().splitlines()[-1].count("cryoflow") <= 1
+    # every DAG file generated from config/ reports it (session/processing and cleanup)
+    assert sorted(Path(f).name for f in errors) == ["microscope_sessions.py", "share_cleanup.py"]
+    for message in errors.values():
+        assert "krios1.yaml" in message and "optics.kv" in message and "three hundred" in message
+        # the message is the error, not a deep traceback
+        assert message.strip().splitlines()[-1].count("cryoflow") <= 1
 
 
 def test_session_form_rejects_unsafe_session_names(airflow_db, site_env) -> None:
@@ -72,7 +81,8 @@ def test_session_form_rejects_unsafe_session_names(airflow_db, site_env) -> None
 
 def test_dag_file_parses_in_a_plain_interpreter() -> None:
     """What the DAG processor does: import the file with plugins/ on sys.path."""
-    code = "import runpy; runpy.run_path('dags/microscope_sessions.py')"
+    files = ("microscope_sessions.py", "share_cleanup.py")
+    code = f"import runpy; [runpy.run_path('dags/' + f) for f in {files!r}]"
     proc = subprocess.run(
         [sys.executable, "-c", code],
         cwd=ROOT,

@@ -19,7 +19,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from cryoflow.archive.tagging import tag_verified
+from cryoflow.archive.aggregate import AggregateError, aggregate_small_files, aggregate_status
+from cryoflow.archive.tagging import tag_summary, tag_verified
 from cryoflow.config import FacilityConfig, MicroscopeConfig
 from cryoflow.ledger import CopyClaim, CopyStart, FileState, Ledger, Verified
 from cryoflow.names import from_text, shown, to_text
@@ -79,7 +80,7 @@ class SessionParams(BaseModel):
         "Owns the data on GPFS; empty = the service's group.",
         pattern=UNIX_NAME_PATTERN,
     )
-    collaborators: list[str] = Field(
+    collaborators: list[str] | None = Field(
         default_factory=list, title="Collaborators", description="Unix users, granted ACLs."
     )
     sample: str | None = _optional("Sample")
@@ -101,6 +102,11 @@ class SessionParams(BaseModel):
     end_time: str | None = _optional(
         "End time", "ISO date-time at which the session ends; empty = none."
     )
+
+    @field_validator("collaborators", mode="before")
+    @classmethod
+    def _none_is_empty(cls, value: Any) -> Any:
+        return [] if value is None else value
 
     @field_validator(
         "source_folder", "project", "unix_group", "sample", "gain_reference", "end_time",
@@ -563,7 +569,31 @@ def close_session(
     owed step is done)."""
     ledger = Ledger(facility.storage.ledger_url)
     ledger.close_session(handle.session_id, reason)
+    archive, perms = facility.archive, facility.permissions
+    if archive.aggregate:  # the share is done writing: bundle the small files for tape
+        try:
+            aggregate_small_files(
+                Path(handle.dest_root),
+                patterns=archive.aggregate_patterns,
+                max_bytes=int(archive.aggregate_max_mib * (1 << 20)),
+                file_mode=perms.file_mode,
+                dir_mode=perms.dir_mode,
+                tag_prefix=archive.xattr_prefix if archive.tagging else None,
+                archive_class=archive.aggregate_class,
+            )
+        except (OSError, AggregateError) as exc:  # the files themselves are safe on disk
+            log.error("Small-file tar of %s not written: %s", handle.dest_root, shown(exc))
     return write_summary(facility, handle.session_id, max_attempts=max_attempts)
+
+
+def _archive_summary(facility: FacilityConfig, ledger: Ledger, row: Any) -> dict[str, Any]:
+    """Read from the files themselves: what carries the tags the HSM policy migrates on."""
+    prefix = facility.archive.xattr_prefix
+    copies = [Path(f.dest_path) for f in ledger.files(row.id, FileState.VERIFIED) if f.dest_path]
+    return {
+        "tags": tag_summary(copies, prefix).as_dict() if facility.archive.tagging else None,
+        "small_files_tar": aggregate_status(Path(row.dest_root), prefix),
+    }
 
 
 def write_summary(
@@ -600,6 +630,7 @@ def write_summary(
             for f in ledger.still_owed(session_id)
         ],
         "processing": ledger.stage_counts(session_id),
+        "archive": _archive_summary(facility, ledger, row),
     }
     target = Path(row.dest_root) / "logs" / "session_summary.json"
     tmp = target.with_name(f".{target.name}.tmp")
