@@ -38,6 +38,7 @@ from cryoflow.compute.jobscript import (
     script_modes,
 )
 from cryoflow.compute.settings import LocalBackend
+from cryoflow.transfer import make_dirs
 
 __all__ = ["LocalCompute", "run_array"]
 
@@ -54,7 +55,7 @@ class LocalCompute:
         job_dir = Path(layout.job_dir)
         file_mode, dir_mode = script_modes(script)
         for sub in (job_dir / "logs", job_dir / "exit", job_dir / "started"):
-            _make_dirs(sub, dir_mode)
+            make_dirs(sub, dir_mode)
         _write_atomic(Path(layout.script), script, file_mode)  # run as `bash job.sh`: no +x
         job = SubmittedJob(f"local-{secrets.token_hex(6)}", layout.job_dir, n_tasks)
         env = dict(os.environ)
@@ -192,20 +193,6 @@ def _open_append(path: Path, mode: int) -> IO[bytes]:
     if os.fstat(fd).st_size == 0:
         os.fchmod(fd, mode)
     return os.fdopen(fd, "ab")
-
-
-def _make_dirs(directory: Path, mode: int) -> None:
-    """Create missing folders with exactly ``mode`` (existing ones are left as they are)."""
-    missing = []
-    while not directory.exists():
-        missing.append(directory)
-        directory = directory.parent
-    for folder in reversed(missing):
-        try:
-            folder.mkdir()
-        except FileExistsError:
-            continue  # made meanwhile by someone else, who sets its mode
-        os.chmod(folder, mode)
 
 
 def _job_modes(layout: JobLayout) -> tuple[int, int]:

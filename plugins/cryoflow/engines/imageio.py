@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from cryoflow.transfer import make_dirs
+
 __all__ = [
     "ImageReadError",
     "MovieInfo",
@@ -81,17 +83,8 @@ def _make_dirs(directory: Path) -> None:
     mode = _env_mode(DIR_MODE_ENV, -1)
     if mode < 0:
         directory.mkdir(parents=True, exist_ok=True)
-        return
-    missing = []
-    while not directory.exists():
-        missing.append(directory)
-        directory = directory.parent
-    for folder in reversed(missing):
-        try:
-            folder.mkdir()
-        except FileExistsError:
-            continue  # another task made it meanwhile and sets its mode
-        os.chmod(folder, mode)
+    else:
+        make_dirs(directory, mode)
 
 
 def _umask() -> int:
