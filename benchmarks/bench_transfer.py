@@ -173,7 +173,12 @@ class ThreadTime:
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[ThreadTime]:
-        saved = transfer_module.file_checksum, Ledger.begin_copies, Ledger.mark_verified_many, os.fsync
+        saved = (
+            transfer_module.file_checksum,
+            Ledger.begin_copies,
+            Ledger.mark_verified_many,
+            os.fsync,
+        )
         transfer_module.file_checksum = self._wrap("verify", saved[0])  # what _verify calls
         Ledger.begin_copies = self._wrap("ledger", saved[1])  # type: ignore[method-assign]
         Ledger.mark_verified_many = self._wrap("ledger", saved[2])  # type: ignore[method-assign]
