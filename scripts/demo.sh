@@ -13,7 +13,13 @@ PORT=${PORT:-8080}
 MOVIES=${DEMO_MOVIES:-20}
 INTERVAL=${DEMO_INTERVAL:-8}
 mkdir -p "$DEMO"/{airflow,share/krios1,share/krios2,gpfs,truth,jobs}
+# Nothing the demo writes is for other local users: the JWT signing key, the generated admin
+# password, logs and data are owner-only (a shared login host must not hand out admin tokens).
+umask 077
 [[ -f $DEMO/secret ]] || head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$DEMO/secret"
+chmod 600 "$DEMO/secret"
+chmod go-rwx "$DEMO"  # others cannot enter it at all (what an older demo left open)
+chmod -R go-rwx "$DEMO/airflow" 2>/dev/null || true
 
 export PATH=$REPO/.venv/bin:$PATH
 export AIRFLOW_HOME=$DEMO/airflow

@@ -11,7 +11,7 @@ import logging
 import os
 import re
 import time
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -391,35 +391,42 @@ def transfer_batch(
     recorded_at = time.monotonic()
     staged: list[tuple[_CopyJob, CopyClaim, Staged, float]] = []
 
-    def settle(outcome: tuple[str, Any, Verified | None]) -> None:
+    def drain(futures: set[Future]) -> None:
+        """Take results as they come; what is verified is recorded at least every
+        RECORD_SECONDS, also while a big file is still being copied."""
         nonlocal recorded_at
-        bucket, entry, done = outcome
-        if done is None:
-            getattr(report, bucket).append(entry)
-            return
-        verified.append((done, entry))
-        if len(verified) >= 64 or time.monotonic() - recorded_at >= 1.0:
-            record()
-            recorded_at = time.monotonic()
+        while futures:
+            done, futures = wait(futures, RECORD_SECONDS, return_when=FIRST_COMPLETED)
+            for future in done:
+                outcome = future.result()
+                if isinstance(outcome[2], Staged):
+                    staged.append((outcome[0], outcome[1], outcome[2], outcome[3]))
+                elif outcome[2] is None:
+                    getattr(report, outcome[0]).append(outcome[1])
+                else:
+                    verified.append((outcome[2], outcome[1]))
+            if verified and (
+                len(verified) >= 64 or time.monotonic() - recorded_at >= RECORD_SECONDS
+            ):
+                record()
+                recorded_at = time.monotonic()
 
     with ThreadPoolExecutor(streams, thread_name_prefix="copy") as pool:
-        futures = [
-            pool.submit(_stage_one, facility, handle, job, claim, switches)
-            for job, claim in zip(jobs, claims, strict=True)
-        ]
-        for future in as_completed(futures):
-            outcome = future.result()
-            if isinstance(outcome[2], Staged):
-                staged.append((outcome[0], outcome[1], outcome[2], outcome[3]))
-            else:
-                settle(outcome)
+        drain(
+            {
+                pool.submit(_stage_one, facility, handle, job, claim, switches)
+                for job, claim in zip(jobs, claims, strict=True)
+            }
+        )
         if staged:  # small files: one sync for all, then each is read back and named
             sync_filesystem(Path(handle.dest_root))
-            futures = [pool.submit(_finish_one, facility, handle, *s, switches) for s in staged]
-            for future in as_completed(futures):
-                settle(future.result())
+            drain({pool.submit(_finish_one, facility, handle, *s, switches) for s in staged})
     record()
     return report
+
+
+# Verified copies reach the ledger in groups, at least this often.
+RECORD_SECONDS = 0.5
 
 
 @dataclass(frozen=True)

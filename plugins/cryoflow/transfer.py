@@ -19,6 +19,8 @@ from pathlib import Path
 
 import xxhash
 
+from cryoflow.dirs import make_dirs
+
 CHECKSUM_ALGORITHM = "xxh3_128"
 PARTIAL_SUFFIX = ".cryoflow-partial"
 
@@ -294,20 +296,6 @@ def _rename_no_clobber(tmp: Path, dst: Path) -> None:
         os.rename(tmp, dst)
         return
     tmp.unlink()
-
-
-def make_dirs(directory: Path, mode: int) -> None:
-    """Create missing folders with exactly ``mode`` (the umask must not widen or narrow it)."""
-    missing: list[Path] = []
-    while not directory.exists():
-        missing.append(directory)
-        directory = directory.parent
-    for folder in reversed(missing):
-        try:
-            folder.mkdir()
-        except FileExistsError:
-            continue  # another worker made it first
-        os.chmod(folder, mode)
 
 
 def _existing_identical(src: Path, dst: Path, src_stat: os.stat_result) -> CopyResult | None:

@@ -38,7 +38,7 @@ from cryoflow.compute.jobscript import (
     script_modes,
 )
 from cryoflow.compute.settings import LocalBackend
-from cryoflow.transfer import make_dirs
+from cryoflow.dirs import make_dirs
 
 __all__ = ["LocalCompute", "run_array"]
 

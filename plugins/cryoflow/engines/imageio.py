@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cryoflow.transfer import make_dirs
+from cryoflow.dirs import make_dirs
 
 __all__ = [
     "ImageReadError",
