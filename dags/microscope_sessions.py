@@ -13,7 +13,7 @@ from datetime import datetime, timedelta
 
 from airflow.sdk import DAG, Asset, AssetOrTimeSchedule, CronTriggerTimetable, Param
 
-from cryoflow.config import MicroscopeConfig, load_site
+from cryoflow.config import MicroscopeConfig, load_site, share_queue
 from cryoflow.operators.end_session import end_session
 from cryoflow.operators.ingest_batch import SessionBatchOperator
 from cryoflow.operators.process_owed import ProcessOwedOperator
@@ -42,7 +42,10 @@ def ingest_dag(scope: MicroscopeConfig) -> DAG:
         default_args={"retries": 3, "retry_delay": timedelta(seconds=30)},
     ) as dag:
         SessionBatchOperator(
-            task_id="watch_and_copy", microscope_id=scope.id, outlets=[verified_asset(scope)]
+            task_id="watch_and_copy",
+            microscope_id=scope.id,
+            queue=share_queue(scope),  # workers that mount this microscope's share and GPFS
+            outlets=[verified_asset(scope)],
         )
     return dag
 

@@ -12,7 +12,7 @@ from datetime import datetime, timedelta
 
 from airflow.sdk import DAG, CronTriggerTimetable, Param
 
-from cryoflow.config import MicroscopeConfig, load_site
+from cryoflow.config import MicroscopeConfig, load_site, share_queue
 from cryoflow.operators.share_cleanup import ShareCleanupOperator
 
 START = datetime(2026, 1, 1)
@@ -44,7 +44,7 @@ def cleanup_dag(scope: MicroscopeConfig) -> DAG:
         tags=["cleanup", scope.id],
         default_args={"retries": 1, "retry_delay": timedelta(minutes=5)},
     ) as dag:
-        ShareCleanupOperator(task_id="cleanup", microscope_id=scope.id)
+        ShareCleanupOperator(task_id="cleanup", microscope_id=scope.id, queue=share_queue(scope))
     return dag
 
 

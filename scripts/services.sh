@@ -6,6 +6,8 @@
 #
 # One script for CI, tests and developers:  scripts/services.sh up|down|status
 # (`scripts/services.sh chromium`: headless Chromium + chromedriver for the UI test; not in `up`)
+# (`scripts/services.sh ldap`: an OpenLDAP directory standing in for the facility's Active
+#  Directory, for the sign-in tests; not in `up`. `down` stops it too.)
 # Runs as root on a Debian 12 machine without systemd (PID 1 is not an init: exited daemons
 # linger as zombies, so every health check asks the service itself, never pgrep).
 #
@@ -15,6 +17,11 @@
 #   host_key.pub                  the same key as "ssh-ed25519 AAAA..." (connection extra)
 #   airflow_conn.json / .uri      a ready Airflow SSH connection (host key checking ON)
 #   env                           shell exports (AIRFLOW_CONN_<ID>, CRYOFLOW_SLURM_*), `source`-able
+#   ldap/                         `ldap` only (root-only, 0700): slapd.conf, db/, slapd.log, slapd.pid,
+#     env                         exports CRYOFLOW_LDAP_* for config/auth/webserver_config.py
+#     bind_password               the Airflow bind account's password (CRYOFLOW_LDAP_BIND_PASSWORD_FILE)
+#     users.json                  the test users: uid -> {dn, password, groups}
+#     rootpw                      the directory manager's password (loads entries; never Airflow's)
 set -euo pipefail
 
 STATE_DIR="${CRYOFLOW_SERVICES_DIR:-/var/lib/cryoflow-services}"
@@ -34,6 +41,15 @@ SSHD_PID=/run/sshd-cryoflow.pid
 PACKAGES=(munge slurmctld slurmd slurm-client slurmdbd openssh-server)
 DB_PASSWORD=''
 WAIT_S=30
+# OpenLDAP (`ldap`): loopback only, a non-standard port, as the tests' stand-in for AD.
+LDAP_PORT="${CRYOFLOW_LDAP_PORT:-3890}"
+LDAP_URI="ldap://127.0.0.1:$LDAP_PORT/"
+LDAP_BASE="${CRYOFLOW_LDAP_BASE_DN:-dc=facility,dc=example}"
+LDAP_DIR="$STATE_DIR/ldap"
+LDAP_BIND_DN="uid=svc-airflow,ou=service,$LDAP_BASE"
+# uid:groups (comma separated; none: a person in the directory who is in no cryoflow group)
+LDAP_USERS=(op-krios1:cryo-operators-krios1 op-krios2:cryo-operators-krios2
+    researcher:cryo-researchers cryo-admin:cryo-admins visitor:)
 
 log() { printf '[services] %s\n' "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
@@ -385,6 +401,216 @@ write_connection() {  # write_connection <remote workdir> <host public key>
     done
 }
 
+# --- OpenLDAP: the facility's directory for the sign-in tests (not part of `up`) -----------
+# Debian's slapd with a plain slapd.conf under $LDAP_DIR (no cn=config, no init system), the
+# memberof overlay (FAB maps roles from the user's memberOf, as with Active Directory), people
+# under ou=people, groupOfNames under ou=groups, a read-only bind account for Airflow under
+# ou=service. No anonymous reads. Entries are loaded online with ldapadd: slapadd would not fill
+# memberOf. Passwords are random per state dir, kept in root-only files, never on a command line.
+
+ldap_packages() {
+    [[ -x /usr/sbin/slapd && -x /usr/sbin/slappasswd ]] && command -v ldapadd >/dev/null 2>&1 && return 0
+    log "installing slapd ldap-utils"
+    # no_configuration: the postinst would otherwise build /etc/ldap/slapd.d and try to start it
+    echo "slapd slapd/no_configuration boolean true" | debconf-set-selections
+    export DEBIAN_FRONTEND=noninteractive
+    local apt=(apt-get -o DPkg::Lock::Timeout=300 -y -q --no-install-recommends)
+    if ! "${apt[@]}" install slapd ldap-utils >/dev/null 2>&1; then
+        apt-get -o DPkg::Lock::Timeout=300 -q update >/dev/null
+        "${apt[@]}" install slapd ldap-utils >/dev/null || die "apt-get install slapd ldap-utils failed"
+    fi
+}
+
+new_secret() { head -c 24 /dev/urandom | base64 | tr -d '/+=' | head -c 24; }
+
+secret_file() {  # secret_file <path>: create once (0600), print the secret
+    local path=$1
+    if [[ ! -s $path ]]; then
+        (umask 077 && new_secret >"$path.tmp" && mv -f "$path.tmp" "$path")
+    fi
+    tr -d '\n' <"$path"
+}
+
+ldap_secrets() {  # passwords of the root DN, the bind account and each test user (stable)
+    install -d -m 0700 "$LDAP_DIR" "$LDAP_DIR/secrets"
+    secret_file "$LDAP_DIR/rootpw" >/dev/null
+    secret_file "$LDAP_DIR/bind_password" >/dev/null
+    local entry uid
+    for entry in "${LDAP_USERS[@]}"; do
+        uid=${entry%%:*}
+        secret_file "$LDAP_DIR/secrets/$uid" >/dev/null
+    done
+}
+
+write_slapd_conf() {
+    local tmp rootpw_hash
+    rootpw_hash=$(slappasswd -T "$LDAP_DIR/rootpw" -h '{SSHA}')
+    install -d -m 0700 "$LDAP_DIR/db"
+    tmp=$(mktemp "$LDAP_DIR/.slapd.conf.XXXXXX")
+    cat >"$tmp" <<CONF
+# Written by cryoflow scripts/services.sh: the sign-in tests' directory. Do not edit by hand.
+include /etc/ldap/schema/core.schema
+include /etc/ldap/schema/cosine.schema
+include /etc/ldap/schema/nis.schema
+include /etc/ldap/schema/inetorgperson.schema
+pidfile $LDAP_DIR/slapd.pid
+argsfile $LDAP_DIR/slapd.args
+modulepath /usr/lib/ldap
+moduleload back_mdb
+moduleload memberof
+# Like AD: nothing for anonymous clients but binding.
+disallow bind_anon
+require authc
+
+database mdb
+maxsize 67108864
+suffix "$LDAP_BASE"
+rootdn "cn=admin,$LDAP_BASE"
+rootpw $rootpw_hash
+directory $LDAP_DIR/db
+index objectClass eq
+index uid,cn,member,memberOf eq
+overlay memberof
+memberof-group-oc groupOfNames
+memberof-member-ad member
+memberof-memberof-ad memberOf
+memberof-refint TRUE
+access to attrs=userPassword
+    by self write
+    by anonymous auth
+    by * none
+access to *
+    by dn.exact="$LDAP_BIND_DN" read
+    by self read
+    by users read
+    by * none
+CONF
+    chmod 0600 "$tmp" && mv -f "$tmp" "$LDAP_DIR/slapd.conf"
+    slaptest -Q -u -f "$LDAP_DIR/slapd.conf" >/dev/null 2>&1 \
+        || die "slapd rejects $LDAP_DIR/slapd.conf: $(slaptest -u -f "$LDAP_DIR/slapd.conf" 2>&1 | tail -3)"
+}
+
+ldap_entries() {  # the LDIF of the whole tree (passwords as salted hashes)
+    local entry uid groups g hash ou
+    declare -A members=()
+    printf 'dn: %s\nobjectClass: dcObject\nobjectClass: organization\no: cryoflow test facility\ndc: %s\n\n' \
+        "$LDAP_BASE" "$(sed -E 's/^dc=([^,]+).*/\1/' <<<"$LDAP_BASE")"
+    for ou in people groups service; do
+        printf 'dn: ou=%s,%s\nobjectClass: organizationalUnit\nou: %s\n\n' "$ou" "$LDAP_BASE" "$ou"
+    done
+    hash=$(slappasswd -T "$LDAP_DIR/bind_password" -h '{SSHA}')
+    printf 'dn: %s\nobjectClass: inetOrgPerson\nuid: svc-airflow\ncn: Airflow directory reader\nsn: svc-airflow\nuserPassword: %s\n\n' \
+        "$LDAP_BIND_DN" "$hash"
+    for entry in "${LDAP_USERS[@]}"; do
+        uid=${entry%%:*} groups=${entry#*:}
+        hash=$(slappasswd -T "$LDAP_DIR/secrets/$uid" -h '{SSHA}')
+        printf 'dn: uid=%s,ou=people,%s\nobjectClass: inetOrgPerson\nuid: %s\ncn: %s\nsn: %s\ngivenName: %s\nmail: %s@facility.example\nuserPassword: %s\n\n' \
+            "$uid" "$LDAP_BASE" "$uid" "$uid" "$uid" "$uid" "$uid" "$hash"
+        for g in ${groups//,/ }; do members[$g]+="uid=$uid,ou=people,$LDAP_BASE;"; done
+    done
+    # groups after the people: the overlay writes memberOf into member entries that exist
+    for g in "${!members[@]}"; do
+        printf 'dn: cn=%s,ou=groups,%s\nobjectClass: groupOfNames\ncn: %s\n' "$g" "$LDAP_BASE" "$g"
+        local m; IFS=';' read -ra m <<<"${members[$g]}"
+        printf 'member: %s\n' "${m[@]}"
+        printf '\n'
+    done
+}
+
+ldap_search() {  # ldap_search <filter> <attrs...>: as the bind account
+    ldapsearch -x -LLL -o ldif-wrap=no -H "$LDAP_URI" -D "$LDAP_BIND_DN" -y "$LDAP_DIR/bind_password" \
+        -b "$LDAP_BASE" "$@"
+}
+
+ldap_ok() {  # slapd answers, every user binds with its password and has its memberOf groups
+    port_open "$LDAP_PORT" || return 1
+    local entry uid groups g found
+    for entry in "${LDAP_USERS[@]}"; do
+        uid=${entry%%:*} groups=${entry#*:}
+        ldapwhoami -x -H "$LDAP_URI" -D "uid=$uid,ou=people,$LDAP_BASE" -y "$LDAP_DIR/secrets/$uid" \
+            >/dev/null 2>&1 || return 1
+        found=$(ldap_search "(uid=$uid)" memberOf 2>/dev/null) || return 1
+        for g in ${groups//,/ }; do
+            grep -qixF "memberOf: cn=$g,ou=groups,$LDAP_BASE" <<<"$found" || return 1
+        done
+    done
+}
+
+slapd_running_ours() {
+    local pid
+    [[ -s $LDAP_DIR/slapd.pid ]] || return 1
+    pid=$(tr -dc '0-9' <"$LDAP_DIR/slapd.pid")
+    [[ -n $pid ]] && pid_alive "$pid" && [[ $(readlink -f "/proc/$pid/exe" 2>/dev/null) == *slapd* ]]
+}
+
+slapd_stop() {
+    slapd_running_ours || { rm -f "$LDAP_DIR/slapd.pid"; return 0; }
+    log "stopping slapd"
+    local pid; pid=$(tr -dc '0-9' <"$LDAP_DIR/slapd.pid")
+    kill -INT "$pid" 2>/dev/null || true  # slapd's clean shutdown
+    wait_until 15 "slapd to exit" bash -c "! [[ -r /proc/$pid/stat ]] || \
+        grep -qE '^[0-9]+ \(.*\) [ZX]' /proc/$pid/stat" || kill -KILL "$pid" 2>/dev/null || true
+    rm -f "$LDAP_DIR/slapd.pid"
+}
+
+write_ldap_env() {
+    local tmp users='' entry uid groups sep=''
+    for entry in "${LDAP_USERS[@]}"; do
+        uid=${entry%%:*} groups=${entry#*:}
+        users+=$(printf '%s"%s": {"dn": "uid=%s,ou=people,%s", "password": "%s", "groups": [%s]}' \
+            "$sep" "$uid" "$uid" "$LDAP_BASE" "$(tr -d '\n' <"$LDAP_DIR/secrets/$uid")" \
+            "$(sed -E 's/([^,]+)/"\1"/g; s/,/, /g' <<<"$groups")")
+        sep=', '
+    done
+    tmp=$(mktemp "$LDAP_DIR/.users.json.XXXXXX")
+    printf '{%s}\n' "$users" >"$tmp" && chmod 0600 "$tmp" && mv -f "$tmp" "$LDAP_DIR/users.json"
+    tmp=$(mktemp "$LDAP_DIR/.env.XXXXXX")
+    {
+        printf 'export CRYOFLOW_LDAP_SERVER=%q\n' "ldap://127.0.0.1:$LDAP_PORT"
+        printf 'export CRYOFLOW_LDAP_SEARCH=%q\n' "ou=people,$LDAP_BASE"
+        printf 'export CRYOFLOW_LDAP_UID_FIELD=uid\n'
+        printf 'export CRYOFLOW_LDAP_BIND_USER=%q\n' "$LDAP_BIND_DN"
+        printf 'export CRYOFLOW_LDAP_BIND_PASSWORD_FILE=%q\n' "$LDAP_DIR/bind_password"
+        printf 'export CRYOFLOW_LDAP_GROUP_DN_TEMPLATE=%q\n' "cn={group},ou=groups,$LDAP_BASE"
+        printf 'export CRYOFLOW_LDAP_USERS_FILE=%q\n' "$LDAP_DIR/users.json"
+        printf 'export CRYOFLOW_LDAP_LOG=%q\n' "$LDAP_DIR/slapd.log"
+    } >"$tmp" && chmod 0600 "$tmp" && mv -f "$tmp" "$LDAP_DIR/env"
+}
+
+ldap_up() {  # idempotent: a healthy directory is left alone; anything else is rebuilt
+    [[ $EUID -eq 0 ]] || die "run as root (installs and starts slapd)"
+    install -d -m 0700 "$STATE_DIR"
+    ldap_packages
+    ldap_secrets
+    write_slapd_conf
+    write_ldap_env
+    if ldap_ok; then
+        log "ldap: up at $LDAP_URI ($LDAP_BASE); exports in $LDAP_DIR/env"
+        return 0
+    fi
+    port_open "$LDAP_PORT" && ! slapd_running_ours \
+        && die "port $LDAP_PORT is taken by something else than this state dir's slapd"
+    # Throw-away test directory: rebuild it whole rather than patch a stale one.
+    slapd_stop
+    rm -rf "$LDAP_DIR/db" && install -d -m 0700 "$LDAP_DIR/db"
+    log "starting slapd on $LDAP_URI"
+    # -d stats: slapd stays in the foreground and writes its connection/operation log (binds,
+    # searches; never a password) to stderr, i.e. to slapd.log; setsid detaches it from us.
+    setsid /usr/sbin/slapd -d stats -f "$LDAP_DIR/slapd.conf" -h "$LDAP_URI" \
+        >>"$LDAP_DIR/slapd.log" 2>&1 </dev/null &
+    disown || true
+    wait_until "$WAIT_S" "slapd on :$LDAP_PORT" port_open "$LDAP_PORT" \
+        || die "slapd did not start (see $LDAP_DIR/slapd.log: $(tail -3 "$LDAP_DIR/slapd.log"))"
+    local out
+    out=$(ldap_entries | ldapadd -x -H "$LDAP_URI" -D "cn=admin,$LDAP_BASE" -y "$LDAP_DIR/rootpw" 2>&1) \
+        || die "ldapadd failed: $out"
+    wait_until 10 "every test user to bind with its memberOf groups" ldap_ok \
+        || die "the directory's users or groups are not as loaded (see $LDAP_DIR/slapd.log)"
+    log "ldap: up at $LDAP_URI ($LDAP_BASE); exports in $LDAP_DIR/env"
+}
+
+ldap_down() { [[ -d $LDAP_DIR ]] && slapd_stop; return 0; }
+
 # --- headless Chromium for the UI tests (not part of `up`) -----------------------------------
 
 chromium_ok() { chromium --version >/dev/null 2>&1 && chromedriver --version >/dev/null 2>&1; }
@@ -422,6 +648,7 @@ cmd_up() {
 
 cmd_down() {
     [[ $EUID -eq 0 ]] || die "run as root"
+    ldap_down
     sshd_down
     slurm_down
     munge_down
@@ -430,10 +657,13 @@ cmd_down() {
 }
 
 cmd_status() {
-    local rc=0 name check
-    for pair in "mariadb:mariadb_root -e 'SELECT 1'" "munge:munge_ok" "slurmdbd:port_open 6819" \
-        "slurmctld:slurmctld_ok" "slurmd:node_ready" "sacct:sacct_ok" \
-        "sshd:port_open $SSH_PORT" "ssh-login:ssh_login_ok"; do
+    local rc=0 name check checks
+    checks=("mariadb:mariadb_root -e 'SELECT 1'" "munge:munge_ok" "slurmdbd:port_open 6819"
+        "slurmctld:slurmctld_ok" "slurmd:node_ready" "sacct:sacct_ok"
+        "sshd:port_open $SSH_PORT" "ssh-login:ssh_login_ok")
+    # the directory only where `ldap` set it up in this state dir
+    [[ -s $LDAP_DIR/slapd.conf ]] && checks+=("ldap:ldap_ok")
+    for pair in "${checks[@]}"; do
         name=${pair%%:*} check=${pair#*:}
         if eval "$check" >/dev/null 2>&1; then
             printf '%-10s up\n' "$name"
@@ -449,5 +679,6 @@ case "${1:-}" in
     down) cmd_down ;;
     status) cmd_status ;;
     chromium) chromium_up ;;
-    *) echo "usage: $0 up|down|status|chromium   (state dir: \$CRYOFLOW_SERVICES_DIR, default /var/lib/cryoflow-services)" >&2; exit 2 ;;
+    ldap) ldap_up ;;
+    *) echo "usage: $0 up|down|status|chromium|ldap   (state dir: \$CRYOFLOW_SERVICES_DIR, default /var/lib/cryoflow-services)" >&2; exit 2 ;;
 esac

@@ -11,6 +11,20 @@ if [[ -f $stamp && $(cat "$stamp") == "$want" ]]; then
   exit 0
 fi
 [[ -x .venv/bin/python ]] || "$PY" -m venv .venv
+# python-ldap (LDAP / Active Directory sign-in through the FAB auth manager) builds from source
+# and needs the OpenLDAP and SASL headers: install them when root and missing.
+if [[ ! -e /usr/include/ldap.h || ! -e /usr/include/sasl/sasl.h ]]; then
+  if [[ $(id -u) == 0 ]]; then
+    ldap_dev=(apt-get -o DPkg::Lock::Timeout=300 install -y -qq --no-install-recommends
+      libldap2-dev libsasl2-dev)
+    DEBIAN_FRONTEND=noninteractive "${ldap_dev[@]}" >/dev/null 2>&1 || {
+      apt-get -o DPkg::Lock::Timeout=300 update -qq >/dev/null &&
+        DEBIAN_FRONTEND=noninteractive "${ldap_dev[@]}" >/dev/null
+    } || echo "setup: could not install libldap2-dev libsasl2-dev (python-ldap will not build)" >&2
+  else
+    echo "setup: libldap2-dev and libsasl2-dev are missing: python-ldap needs them (run as root)" >&2
+  fi
+fi
 .venv/bin/python -m pip install --quiet --disable-pip-version-check "uv==0.13.9"
 .venv/bin/uv pip install --quiet --python .venv/bin/python -r requirements.lock
 .venv/bin/uv pip install --quiet --python .venv/bin/python --no-deps -e .

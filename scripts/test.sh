@@ -16,5 +16,5 @@ if ! scripts/services.sh up; then
   fi
   echo "test: services unavailable; tests that need them will skip (they never skip under CI=true)" >&2
 fi
-.venv/bin/ruff check plugins dags tests benchmarks
+.venv/bin/ruff check plugins dags tests benchmarks docker
 exec .venv/bin/python -m pytest "$@"

@@ -263,6 +263,12 @@ class MicroscopeConfig(_Model):
     tags: list[str] = Field(default_factory=list)
 
 
+def share_queue(scope: MicroscopeConfig) -> str:
+    """The Celery (and triggerer) queue of the tasks that touch a microscope's share: served
+    only by workers on nodes that mount it (docker-compose.yml, docs/deployment.md)."""
+    return f"microscope-{scope.id}"
+
+
 class SiteConfig(_Model):
     """Everything loaded from one config directory."""
 

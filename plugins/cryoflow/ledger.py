@@ -12,6 +12,7 @@ deployment; the same code for both.
 from __future__ import annotations
 
 import enum
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -171,8 +172,8 @@ class StageRow(Base):
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA busy_timeout=30000")  # first: switching to WAL may wait for a writer
     cur.execute("PRAGMA journal_mode=WAL")
-    cur.execute("PRAGMA busy_timeout=30000")
     # WAL + NORMAL: a commit does not wait for fsync; a power cut can lose the last commits but
     # never corrupts the ledger, and a lost "verified" is found again (identical copy in place).
     cur.execute("PRAGMA synchronous=NORMAL")
@@ -180,18 +181,52 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.close()
 
 
+AIRFLOW_CONN_PREFIX = "airflow-conn://"
+
+
+def resolve_url(url: str) -> str:
+    """The SQLAlchemy URL of a ledger URL. ``airflow-conn://<conn_id>`` names an Airflow
+    Connection, read through the task SDK (in tasks, the triggerer and plain processes alike):
+    the password stays out of the configuration, and Airflow masks it in task logs. A
+    ``postgres``/``postgresql`` Connection is used with psycopg 3. Any other URL is itself.
+    Never log the result: log ``engine.url``, which hides the password."""
+    if not url.startswith(AIRFLOW_CONN_PREFIX):
+        return url
+    conn_id = url.removeprefix(AIRFLOW_CONN_PREFIX).strip("/")
+    from airflow.sdk import BaseHook  # in tasks, the triggerer and plain processes alike
+
+    uri = BaseHook.get_connection(conn_id).get_uri()
+    scheme, sep, rest = uri.partition("://")
+    if sep and scheme in ("postgres", "postgresql"):
+        uri = f"postgresql+psycopg://{rest}"
+    return uri
+
+
 _ENGINES: dict[str, Engine] = {}
+_ENGINES_LOCK = threading.Lock()
 
 
 def get_engine(url: str) -> Engine:
-    """One engine per URL and process; creates the tables on first use."""
+    """One engine per URL and process. The first use in a process brings the ledger's schema
+    to the newest migration (:func:`cryoflow.ledger_schema.upgrade`: one query when it is
+    there already, locked against other processes when it is not)."""
     engine = _ENGINES.get(url)
-    if engine is None:
-        engine = create_engine(url, pool_pre_ping=True)
-        if engine.dialect.name == "sqlite":
-            event.listen(engine, "connect", _sqlite_pragmas)
-        Base.metadata.create_all(engine)
-        _ENGINES[url] = engine
+    if engine is not None:
+        return engine
+    with _ENGINES_LOCK:
+        engine = _ENGINES.get(url)
+        if engine is None:
+            from cryoflow.ledger_schema import upgrade
+
+            engine = create_engine(resolve_url(url), pool_pre_ping=True)
+            if engine.dialect.name == "sqlite":
+                event.listen(engine, "connect", _sqlite_pragmas)
+            try:
+                upgrade(engine)
+            except BaseException:
+                engine.dispose()  # the next call tries again (a database away for a while)
+                raise
+            _ENGINES[url] = engine
     return engine
 
 

@@ -411,16 +411,18 @@ def transfer_batch(
                 record()
                 recorded_at = time.monotonic()
 
+    work = list(zip(jobs, claims, strict=True))
+    small = [(j, c) for j, c in work if j.start.size < SMALL_FILE_BYTES]
+    large = [(j, c) for j, c in work if j.start.size >= SMALL_FILE_BYTES]
     with ThreadPoolExecutor(streams, thread_name_prefix="copy") as pool:
-        drain(
-            {
-                pool.submit(_stage_one, facility, handle, job, claim, switches)
-                for job, claim in zip(jobs, claims, strict=True)
-            }
-        )
-        if staged:  # small files: one sync for all, then each is read back and named
+        # Small files first, all written, one sync, then each read back and named: they are
+        # in the ledger before the movies' longer copies start.
+        drain({pool.submit(_stage_one, facility, handle, j, c, switches) for j, c in small})
+        if staged:
             sync_filesystem(Path(handle.dest_root))
             drain({pool.submit(_finish_one, facility, handle, *s, switches) for s in staged})
+        record()
+        drain({pool.submit(_stage_one, facility, handle, j, c, switches) for j, c in large})
     record()
     return report
 

@@ -1,0 +1,1 @@
+"""The ledger's revisions (Alembic loads them by file, not by import)."""
