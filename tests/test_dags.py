@@ -36,6 +36,9 @@ def test_every_microscope_yields_an_ingest_and_a_processing_dag(airflow_db) -> N
     # optional text fields may stay empty in the form (a typed Param is otherwise required)
     assert dag.params.get_param("unix_group").schema["type"] == ["null", "string"]
     assert dag.params["unix_group"] is None
+    # curation thresholds: optional numbers (never required), defaults from curation: in the YAML
+    assert dag.params.get_param("max_total_drift_A").schema["type"] == ["null", "number"]
+    assert dag.params["max_total_drift_A"] == 30 and dag.params["min_particles"] == 20
     # the form's bounds are the model's
     assert dag.params.get_param("kv").schema["maximum"] == 400
     # processing is started by ingest's asset event, never waited on, and runs unpaused

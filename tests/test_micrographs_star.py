@@ -1,4 +1,6 @@
-"""micrographs_ctf.star: written whole once, then appended per processing run, always readable."""
+"""The STAR files (here micrographs_ctf_all.star, every movie with a CTF; the accepted-only
+micrographs_ctf.star is tested in test_curation.py): written whole once, then appended per
+processing run, always readable."""
 
 from __future__ import annotations
 
@@ -35,11 +37,14 @@ def test_rows_are_appended_once_and_the_file_stays_valid(tmp_path: Path) -> None
     sid = ledger.open_session("k", "s", dest_root=str(root), source_root="/s", params={})
     handle = SessionHandle(sid, "/s", str(root), None)
     first = [_done(ledger, sid, root, f"grid 1 $(x) m{i}.tif", 10000.0 + i) for i in range(2)]
-    path = write_micrographs_ctf_star(ledger, handle, PARAMS, 0o640, first)
+    path = write_micrographs_ctf_star(ledger, handle, PARAMS, 0o640, first, accepted_only=False)
     assert path is not None and path.stat().st_mode & 0o777 == 0o640
+    assert path.name == "micrographs_ctf_all.star"
     new = _done(ledger, sid, root, "grid 2 `y` m2.tif", 12345.5)
-    write_micrographs_ctf_star(ledger, handle, PARAMS, 0o640, [new])
-    write_micrographs_ctf_star(ledger, handle, PARAMS, 0o640, [new])  # again: no duplicate
+    write_micrographs_ctf_star(ledger, handle, PARAMS, 0o640, [new], accepted_only=False)
+    write_micrographs_ctf_star(
+        ledger, handle, PARAMS, 0o640, [new], accepted_only=False
+    )  # again: no duplicate
     tables = starfile.read(path)
     rows = tables["micrographs"]
     assert list(rows["rlnDefocusU"]) == [10000.0, 10001.0, 12345.5]
@@ -48,5 +53,5 @@ def test_rows_are_appended_once_and_the_file_stays_valid(tmp_path: Path) -> None
     assert float(tables["optics"]["rlnVoltage"].iloc[0]) == 300.0
     assert path.stat().st_mode & 0o777 == 0o640
     # whole rewrite (no ids) gives the same table
-    write_micrographs_ctf_star(ledger, handle, PARAMS, 0o640)
+    write_micrographs_ctf_star(ledger, handle, PARAMS, 0o640, accepted_only=False)
     assert list(starfile.read(path)["micrographs"]["rlnDefocusU"]) == [10000.0, 10001.0, 12345.5]

@@ -23,6 +23,7 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
+import starfile
 
 from cryoflow.ledger import FileState, Ledger, StageState
 from cryoflow.share.scan import scan_tree
@@ -179,6 +180,16 @@ def test_movies_of_a_killed_copy_are_still_processed(
     counts = ledger.stage_counts(session_id)
     assert counts["motioncor"] == {"done": len(movies)}, counts
     assert counts["ctf"] == {"done": len(movies)}, counts
+    # curation: every movie got its verdict after its last step; the STAR files split
+    decided = [f for f in ledger.files(session_id) if f.kind == "movie"]
+    assert all(f.accepted is not None for f in decided), [(f.relpath, f.accepted) for f in decided]
+    assert all(f.accepted or f.reject_reason for f in decided)
+    processed = site_env["gpfs"] / f"{datetime.now().year}" / session / "processed"
+    assert len(starfile.read(processed / "micrographs_ctf_all.star")["micrographs"]) == len(movies)
+    if n_accepted := sum(bool(f.accepted) for f in decided):
+        kept = starfile.read(processed / "micrographs_ctf.star")["micrographs"]
+        assert len(kept) == n_accepted
+    assert "low_acceptance" in (ledger.get_session(session_id).curation_alerts or {})
     summary = _summary(site_env, session)
     assert summary["processing_complete"] is True
     _assert_summary_is_the_ledger(summary, ledger, session_id)

@@ -116,11 +116,20 @@ def test_session_is_processed_on_slurm_and_matches_the_truth(
     assert summary["processing"] == ledger.stage_counts(1)
     assert summary["files"] == ledger.counts(1)
 
-    # RELION can continue from here
+    # RELION can continue from here: micrographs_ctf_all.star holds every movie with a CTF,
+    # micrographs_ctf.star those curation accepted (each movie has its verdict in the ledger)
     year = datetime.now().year
-    star = slurm_site["base"] / "gpfs" / f"{year}" / session / "processed" / "micrographs_ctf.star"
+    processed = slurm_site["base"] / "gpfs" / f"{year}" / session / "processed"
+    star = processed / "micrographs_ctf_all.star"
     import starfile
 
+    decided = [f for f in ledger.files(1) if f.kind == str(FileKind.MOVIE)]
+    assert all(f.accepted is not None and f.decided_at is not None for f in decided), decided
+    assert all(f.accepted or f.reject_reason for f in decided)
+    accepted = [f for f in decided if f.accepted]
+    if accepted:
+        kept = starfile.read(processed / "micrographs_ctf.star")["micrographs"]
+        assert len(kept) == len(accepted)
     tables = starfile.read(star)
     rows = tables["micrographs"]
     assert list(rows["rlnDefocusU"]) == [

@@ -172,7 +172,8 @@ def test_form_with_only_the_session_name_creates_the_run(
     open_trigger_form(b, airflow_ui)
 
     assert field_required(b, "session_name")
-    for name in (*OPTIONAL_NULL, "gain_reference"):
+    curation = load_site().microscopes[MICROSCOPE].curation.thresholds.model_dump()
+    for name in (*OPTIONAL_NULL, "gain_reference", *curation):  # thresholds: null or a number
         assert not field_required(b, name), f"optional field {name} is marked required"
     # the empty session name is what holds the form back
     assert b.find(SUBMIT).prop("disabled") is True
@@ -198,6 +199,8 @@ def test_form_with_only_the_session_name_creates_the_run(
     assert conf["kv"] == scope.optics.kv
     assert conf["gain_reference"] == scope.detector.gain_reference
     assert conf["motioncor"] is conf["ctf"] is conf["picking"] is True
+    for name, value in curation.items():  # the curation thresholds of the YAML
+        assert conf[name] == value, (name, conf.get(name))
     # and the session model accepts what the form sent: the folder is the session name
     params = SessionParams.from_form(conf)
     assert params.folder == session

@@ -4,6 +4,10 @@ The browser is driven through chromedriver's W3C WebDriver HTTP protocol with ``
 the pinned set), so the tests need no extra Python package: only Debian's ``chromium`` and
 ``chromium-driver`` (``scripts/services.sh chromium`` installs them).
 
+``live_airflow`` starts a standalone for one test module; ``shared_airflow`` (a session-scoped
+fixture: import it) starts one that every UI test module of the run shares, ``live_airflow``
+calls with the same settings included.
+
 Under CI (CI=true) a browser or an Airflow that cannot be started FAILS the test; elsewhere it
 is skipped with the reason, as for the other services (tests/services_fixtures.py).
 """
@@ -20,7 +24,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -216,6 +220,11 @@ class Browser:
             "POST", "/execute/sync", {"script": source, "args": [arg(a) for a in args]}
         )
 
+    def switch_to_frame(self, frame: Element | None) -> None:
+        """Into an iframe's document, or back to the top document (``None``)."""
+        ref = {ELEMENT_KEY: frame.id} if frame is not None else None
+        self._call("POST", "/frame", {"id": ref})
+
     def screenshot(self, path: Path) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(base64.b64decode(self._call("GET", "/screenshot")))
@@ -339,11 +348,130 @@ def stop_process_group(proc: subprocess.Popen, grace: float = 30) -> None:
         proc.wait(5)
 
 
+#: The site settings that name a place (a folder, the ledger): an Airflow started for one set of
+#: them serves a test that brings its own (see ``shared_airflow``).
+SITE_PATHS = frozenset(
+    {"CRYOFLOW_SHARE_ROOT", "CRYOFLOW_GPFS_ROOT", "CRYOFLOW_LEDGER_URL", "CRYOFLOW_LOCAL_WORKDIR"}
+)
+
+
+@dataclass
+class _Shared:
+    airflow: LiveAirflow
+    site: dict[str, str]
+
+
+#: The test session's shared standalone while ``shared_airflow`` holds it.
+_shared: _Shared | None = None
+
+
+def demo_site(root: Path) -> dict[str, str]:
+    """scripts/demo.sh's CRYOFLOW_* settings with every place under ``root`` (created)."""
+    for d in ("share/krios1", "share/krios2", "gpfs", "jobs"):
+        (root / d).mkdir(parents=True, exist_ok=True)
+    return {
+        "CRYOFLOW_CONFIG_DIR": str(ROOT / "config"),
+        "CRYOFLOW_SHARE_ROOT": str(root / "share"),
+        "CRYOFLOW_GPFS_ROOT": str(root / "gpfs"),
+        "CRYOFLOW_LEDGER_URL": f"sqlite:///{root}/ledger.db",
+        "CRYOFLOW_SETTLE_SECONDS": "5",
+        "CRYOFLOW_POLL_SECONDS": "2",
+        "CRYOFLOW_BATCH_WINDOW_SECONDS": "15",
+        "CRYOFLOW_LOCAL_WORKDIR": str(root / "jobs"),
+        "CRYOFLOW_GPU_BACKEND": "local",
+        "CRYOFLOW_CPU_BACKEND": "local",
+        "CRYOFLOW_MOTIONCOR2": "cryoflow-motioncor2",
+        "CRYOFLOW_CTFFIND": "cryoflow-ctffind",
+        "CRYOFLOW_DOGPICKER": "cryoflow-dogpicker",
+    }
+
+
+def _same_settings(a: dict[str, str], b: dict[str, str]) -> bool:
+    """The same site but for its places."""
+    return {k: v for k, v in a.items() if k not in SITE_PATHS} == {
+        k: v for k, v in b.items() if k not in SITE_PATHS
+    }
+
+
+def _uses_harness(item: pytest.Item) -> bool:
+    """Whether a test's module uses this harness (imported something of it)."""
+    if "shared_airflow" in getattr(item, "fixturenames", ()):
+        return True
+    module = getattr(item, "module", None)
+    return module is not None and any(
+        getattr(v, "__module__", None) == __name__ for v in vars(module).values()
+    )
+
+
+class _StopAfter:
+    """A pytest plugin, registered for the run: ``stop`` once ``last`` has been torn down
+    (its module's fixtures included), not at the very end of a long test session."""
+
+    def __init__(self, last: pytest.Item, stop: Callable[[], None]) -> None:
+        self.last, self.stop = last, stop
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_teardown(self, item: pytest.Item) -> Iterator[None]:
+        try:
+            return (yield)
+        finally:
+            if item is self.last:
+                self.stop()
+
+
+@pytest.fixture(scope="session")
+def shared_airflow(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[LiveAirflow]:
+    """One ``airflow standalone`` (``demo_site`` settings) shared by the UI test modules.
+
+    Use it by importing it into a test module. While it runs, ``live_airflow`` called with the
+    same settings (other places allowed, as tests/test_ui_trigger_form.py's own fixture does)
+    yields it in place of starting another standalone, so UI test modules share one start-up.
+    It is stopped after the last test of the session whose module uses this harness (the rest of
+    a full test run does not share the CPUs with it). ``shared_site`` gives its settings."""
+    global _shared
+    ensure_chromium()  # first: no Airflow start when the browser is missing
+    root = tmp_path_factory.mktemp("ui-shared-airflow")
+    site = demo_site(root)
+    stack = ExitStack()
+
+    def stop() -> None:
+        global _shared
+        _shared = None
+        stack.close()
+
+    airflow = stack.enter_context(live_airflow(root / "airflow", site))
+    _shared = _Shared(airflow, site)
+    users = [item for item in request.session.items if _uses_harness(item)]
+    plugin = _StopAfter(users[-1], stop) if users else None
+    if plugin is not None:
+        request.config.pluginmanager.register(plugin)
+    try:
+        yield airflow
+    finally:
+        stop()
+        if plugin is not None:
+            request.config.pluginmanager.unregister(plugin)
+
+
+def shared_site() -> dict[str, str]:
+    """The CRYOFLOW_* settings of the running ``shared_airflow``."""
+    assert _shared is not None, "shared_airflow is not running"
+    return dict(_shared.site)
+
+
 @contextmanager
 def live_airflow(home: Path, site: dict[str, str], timeout: float = 240) -> Iterator[LiveAirflow]:
     """``airflow standalone`` on a free port with scripts/demo.sh's settings (it migrates the fresh
     SQLite database itself); yields once the API server answers. ~30 s on a quiet 2-core machine,
-    minutes when the machine is busy (``timeout``)."""
+    minutes when the machine is busy (``timeout``).
+
+    While ``shared_airflow`` runs with the same settings but for the places, that one is
+    yielded (and left running) instead."""
+    if _shared is not None and _same_settings(_shared.site, site):
+        yield _shared.airflow
+        return
     home.mkdir(parents=True, exist_ok=True)
     port = free_port()
     env = airflow_env(home, port, site)

@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
+    AliasChoices,
     BaseModel,
     ConfigDict,
     Field,
@@ -249,6 +250,92 @@ class SessionDefaults(_Model):
     max_hours: float = Field(96.0, gt=0, description="Hard end of a session.")
 
 
+def _threshold(default: float, description: str, *aliases: str, **bounds: Any) -> Any:
+    return Field(
+        default, description=description, validation_alias=AliasChoices(*aliases), **bounds
+    )
+
+
+class CurationThresholds(_Model):
+    """Per-movie acceptance limits (the one definition: the session form, the verdicts and the
+    session view's lines all use these names and defaults). Units are the view's: Å, µm of
+    defocus, particles per micrograph. The YAML may also spell them max_drift_A,
+    max_ctf_resolution_A, defocus_min_um, defocus_max_um."""
+
+    max_total_drift_A: float = _threshold(
+        30.0, "Total drift above this blurs beyond what MotionCor2 fixes.",
+        "max_total_drift_A", "max_drift_A", gt=0,
+    )  # fmt: skip
+    min_defocus_um: float = _threshold(
+        0.5, "Closer to focus: little low-resolution contrast.",
+        "min_defocus_um", "defocus_min_um", ge=0,
+    )  # fmt: skip
+    max_defocus_um: float = _threshold(
+        3.0, "Further: the CTF envelope kills high resolution.",
+        "max_defocus_um", "defocus_max_um", gt=0,
+    )  # fmt: skip
+    max_astigmatism_A: float = _threshold(
+        1000.0, "|defocus1 - defocus2| above this.", "max_astigmatism_A", gt=0
+    )
+    max_fit_resolution_A: float = _threshold(
+        6.0, "Worst CTFFIND fit resolution accepted (thick ice, drift, no Thon rings).",
+        "max_fit_resolution_A", "max_ctf_resolution_A", gt=0,
+    )  # fmt: skip
+    min_particles: float = _threshold(
+        20.0, "Fewer picks: empty hole, thick ice or carbon.", "min_particles", ge=0
+    )
+
+    @model_validator(mode="after")
+    def _defocus_range(self) -> CurationThresholds:
+        if self.min_defocus_um >= self.max_defocus_um:
+            raise ValueError(
+                f"min_defocus_um ({self.min_defocus_um:g}) must be below max_defocus_um "
+                f"({self.max_defocus_um:g})"
+            )
+        return self
+
+
+class NotifierConfig(_Model):
+    kind: Literal["smtp", "slack"] = Field(
+        "smtp", description="smtp: apache-airflow-providers-smtp; slack: ...-providers-slack."
+    )
+    conn_id: str = Field(
+        description="Airflow connection: an SMTP server, or a Slack webhook (its channel)."
+    )
+    to: list[str] = Field(default_factory=list, description="Mail recipients (smtp).")
+    from_email: str | None = Field(None, description="Sender (smtp); else the connection's.")
+
+    @model_validator(mode="after")
+    def _recipients(self) -> NotifierConfig:
+        if self.kind == "smtp" and not self.to:
+            raise ValueError("to: an smtp notifier needs at least one recipient")
+        return self
+
+
+class CurationAlert(_Model):
+    window: int = Field(25, ge=1, le=10000, description="The last N decided movies.")
+    min_accepted_fraction: float = Field(
+        0.5, ge=0, le=1, description="Alert when fewer of the window's movies were accepted."
+    )
+    no_movie_minutes: float = Field(
+        15.0, gt=0, description="Alert when a running session had no new movie this long."
+    )
+    notifier: NotifierConfig | None = Field(
+        None, description="Where alerts go; none: shown in the session view only."
+    )
+
+
+class CurationConfig(CurationThresholds):
+    """``curation:`` of a microscope file: the thresholds (the session form's defaults) and the
+    rolling-window alert."""
+
+    alert: CurationAlert = CurationAlert()
+
+    @property
+    def thresholds(self) -> CurationThresholds:
+        return CurationThresholds(**{k: getattr(self, k) for k in CurationThresholds.model_fields})
+
+
 class MicroscopeConfig(_Model):
     id: Annotated[str, Field(pattern=SAFE_ID, description="Short id; the DAG is session_<id>.")]
     name: str
@@ -260,6 +347,7 @@ class MicroscopeConfig(_Model):
     processing: ProcessingDefaults = ProcessingDefaults()
     session: SessionDefaults = SessionDefaults()
     cleanup: CleanupConfig = CleanupConfig()
+    curation: CurationConfig = CurationConfig()
     tags: list[str] = Field(default_factory=list)
 
 

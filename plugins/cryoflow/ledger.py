@@ -104,6 +104,8 @@ class SessionRow(Base):
     summary_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     # The summary was written after the session closed and owed nothing more.
     summary_final: Mapped[bool] = mapped_column(default=False)
+    # Curation alerts: {kind: {active, since, message, notified, ...}} (cryoflow.curation).
+    curation_alerts: Mapped[dict[str, Any] | None] = mapped_column(JSON)
 
 
 class FileRow(Base):
@@ -140,6 +142,10 @@ class FileRow(Base):
     copy_started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     verified_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     copy_seconds: Mapped[float | None] = mapped_column(Float)
+    # Curation verdict of a movie, decided when its last step is settled (None: not yet).
+    accepted: Mapped[bool | None] = mapped_column()
+    reject_reason: Mapped[str | None] = mapped_column(Text)
+    decided_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 class StageRow(Base):
@@ -825,18 +831,26 @@ class Ledger:
             return list(s.scalars(select(StageRow).where(StageRow.file_id.in_(list(file_ids)))))
 
     def ctf_table(
-        self, session_id: int, file_ids: Iterable[int] | None = None
+        self,
+        session_id: int,
+        file_ids: Iterable[int] | None = None,
+        *,
+        accepted_only: bool = False,
     ) -> list[tuple[int, dict[str, Any], dict[str, Any]]]:
         """(file id, motioncor results, CTF results) of the movies with both done, for the
-        session's micrographs_ctf.star: all of them in one query (a new file), or just the given
-        ones (a processing run appends its batch)."""
+        session's STAR files: all of them in one query (a new file), or just the given ones (a
+        processing run appends its batch); ``accepted_only``: the movies curation accepted."""
         mc = StageRow.__table__.alias("mc")
         ctf = StageRow.__table__.alias("ctf")
+        query = select(mc.c.file_id, mc.c.results, ctf.c.results).join(
+            ctf, ctf.c.file_id == mc.c.file_id
+        )
+        if accepted_only:
+            files = FileRow.__table__
+            query = query.join(files, files.c.id == mc.c.file_id).where(files.c.accepted.is_(True))
         with self._tx() as s:
             rows = s.execute(
-                select(mc.c.file_id, mc.c.results, ctf.c.results)
-                .join(ctf, ctf.c.file_id == mc.c.file_id)
-                .where(
+                query.where(
                     # the batch's movies by their ids (unique index file_id, stage), or the session
                     ctf.c.file_id.in_(list(file_ids))
                     if file_ids is not None
@@ -845,10 +859,51 @@ class Ledger:
                     mc.c.state == StageState.DONE,
                     ctf.c.stage == "ctf",
                     ctf.c.state == StageState.DONE,
-                )
-                .order_by(mc.c.file_id)
+                ).order_by(mc.c.file_id)
             )
             return [(fid, a or {}, b or {}) for fid, a, b in rows]
+
+    # ----------------------------------------------------------------- curation
+
+    def set_verdicts(self, verdicts: Iterable[tuple[int, bool, str | None]]) -> None:
+        """Record (file id, accepted, reject reason) of movies, in one transaction."""
+        now = utcnow()
+        with self._tx() as s:
+            for file_id, accepted, reason in verdicts:
+                s.execute(
+                    update(FileRow)
+                    .where(FileRow.id == file_id)
+                    .values(accepted=accepted, reject_reason=reason, decided_at=now)
+                )
+
+    def recent_verdicts(self, session_id: int, window: int) -> list[bool]:
+        """The verdicts of the session's last ``window`` decided movies, newest first."""
+        with self._tx() as s:
+            return list(
+                s.scalars(
+                    select(FileRow.accepted)
+                    .where(FileRow.session_id == session_id, FileRow.accepted.is_not(None))
+                    .order_by(FileRow.decided_at.desc(), FileRow.id.desc())
+                    .limit(window)
+                )
+            )
+
+    def last_movie_at(self, session_id: int, kind: str) -> datetime | None:
+        """When the session's newest file of ``kind`` was first seen ready (or its copy began)."""
+        with self._tx() as s:
+            when = s.scalar(
+                select(func.max(func.coalesce(FileRow.ready_at, FileRow.copy_started_at))).where(
+                    FileRow.session_id == session_id, FileRow.kind == kind
+                )
+            )
+            if isinstance(when, str):  # SQLite's max() of a coalesce loses the column type
+                when = datetime.fromisoformat(when)
+            return None if when is None else _aware(when)
+
+    def save_alerts(self, session_id: int, alerts: dict[str, Any]) -> None:
+        with self._tx() as s:
+            row = s.get(SessionRow, session_id)
+            row.curation_alerts = alerts
 
     def latest_file(self, session_id: int, kind: str) -> list[FileRow]:
         """Verified files of one kind, newest first (index on session, kind, state)."""

@@ -7,8 +7,8 @@ run by :func:`upgrade` when a process first opens a ledger (:func:`cryoflow.ledg
   transaction (PostgreSQL's DDL is transactional); on SQLite an exclusive transaction
   (``BEGIN EXCLUSIVE``) on the database file, holding the whole migration.
 - A ledger made by ``create_all`` before migrations existed (its tables, no version table) is
-  recognised by its columns as one of the three schemas that code made (revisions 0001, 0002 or
-  0003), stamped at that revision and upgraded from there, rows kept. One whose columns match none
+  recognised by its columns as one of the schemas that code made (revisions 0001 to
+  0004), stamped at that revision and upgraded from there, rows kept. One whose columns match none
   of them is refused with the difference, untouched.
 - The revision lives in ``cryoflow_alembic_version``, not ``alembic_version``: the ledger may share
   a PostgreSQL database with Airflow's own tables.
@@ -226,7 +226,15 @@ def _adopt(conn: Connection, where: str) -> str | None:
     files = set()
     if "cryoflow_files" in tables:
         files = {c["name"] for c in insp.get_columns("cryoflow_files")}
-    revision = "0003" if "cryoflow_cleanup" in tables else "0002" if "version" in files else "0001"
+    revision = (
+        "0004"
+        if "accepted" in files
+        else "0003"
+        if "cryoflow_cleanup" in tables
+        else "0002"
+        if "version" in files
+        else "0001"
+    )
     expected = _schema_at(revision)
     found = {t: frozenset(c["name"] for c in insp.get_columns(t)) for t in tables}
     problems = [f"table {t} missing" for t in sorted(expected.keys() - found.keys())]

@@ -388,23 +388,34 @@ def _replace(target: Path, text: str, file_mode: int) -> None:
     os.replace(tmp, target)
 
 
+#: RELION's import reads the accepted movies; the second file holds every movie with a CTF.
+STAR_ACCEPTED = "micrographs_ctf.star"
+STAR_ALL = "micrographs_ctf_all.star"
+
+
 def write_micrographs_ctf_star(
     ledger: Ledger,
     handle: SessionHandle,
     params: SessionParams,
     file_mode: int,
     new_file_ids: list[int] | None = None,
+    *,
+    accepted_only: bool = True,
 ) -> Path | None:
-    """``processed/micrographs_ctf.star`` for RELION 3.1+/CryoSPARC import, replaced atomically.
+    """``processed/micrographs_ctf.star`` (the movies curation accepted, for RELION 3.1+/
+    CryoSPARC import) or, with ``accepted_only=False``, ``processed/micrographs_ctf_all.star``
+    (every movie with a CTF), replaced atomically with ``file_mode``.
 
-    With ``new_file_ids`` (the movies a processing run just finished) their rows are appended to
-    the existing file: the ledger work per batch does not grow with the session. Without, or
-    when there is no file yet, it is written whole from one query.
+    With ``new_file_ids`` (the movies a processing run just finished, or just accepted) their
+    rows are appended to the existing file: the ledger work per batch does not grow with the
+    session. Without, or when there is no file yet, it is written whole from one query.
     """
     root = Path(handle.dest_root)
-    target = root / "processed" / "micrographs_ctf.star"
+    target = root / "processed" / (STAR_ACCEPTED if accepted_only else STAR_ALL)
     if new_file_ids is not None and target.is_file():
-        rows = _star_rows(root, ledger.ctf_table(handle.session_id, new_file_ids))
+        rows = _star_rows(
+            root, ledger.ctf_table(handle.session_id, new_file_ids, accepted_only=accepted_only)
+        )
         if not rows:
             return target
         text = target.read_text()
@@ -417,7 +428,7 @@ def write_micrographs_ctf_star(
         if lines:
             _replace(target, text.rstrip("\n") + "\n" + "\n".join(lines) + "\n", file_mode)
         return target
-    rows = _star_rows(root, ledger.ctf_table(handle.session_id))
+    rows = _star_rows(root, ledger.ctf_table(handle.session_id, accepted_only=accepted_only))
     if not rows:
         return None
     optics = pd.DataFrame(

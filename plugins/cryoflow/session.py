@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from cryoflow.archive.aggregate import AggregateError, aggregate_small_files, aggregate_status
 from cryoflow.archive.tagging import tag_summary, tag_verified
-from cryoflow.config import FacilityConfig, MicroscopeConfig
+from cryoflow.config import CurationThresholds, FacilityConfig, MicroscopeConfig
 from cryoflow.ledger import CopyClaim, CopyStart, FileState, Ledger, Verified
 from cryoflow.names import from_text, shown, to_text
 from cryoflow.session_tree import SessionPaths, create_session_tree, resolve_gid
@@ -97,6 +97,13 @@ class SessionParams(BaseModel):
     ctf: bool = Field(True, title="CTF estimation")
     picking: bool = Field(True, title="Particle picking")
     particle_diameter_A: float = Field(150.0, gt=10, lt=2000, title="Particle diameter (Å)")
+    # Curation thresholds: defaults from the microscope's ``curation:``; empty = that default.
+    max_total_drift_A: float | None = _optional("Curation: max total drift (Å)", gt=0)
+    max_fit_resolution_A: float | None = _optional("Curation: worst CTF fit resolution (Å)", gt=0)
+    min_defocus_um: float | None = _optional("Curation: min defocus (µm)", ge=0)
+    max_defocus_um: float | None = _optional("Curation: max defocus (µm)", gt=0)
+    max_astigmatism_A: float | None = _optional("Curation: max astigmatism (Å)", gt=0)
+    min_particles: float | None = _optional("Curation: min particles per micrograph", ge=0)
     idle_timeout_minutes: float = Field(gt=0, title="End after idle (minutes)")
     max_hours: float = Field(gt=0, title="Longest session (hours)")
     end_time: str | None = _optional(
@@ -110,7 +117,7 @@ class SessionParams(BaseModel):
 
     @field_validator(
         "source_folder", "project", "unix_group", "sample", "gain_reference", "end_time",
-        mode="before",
+        *CurationThresholds.model_fields, mode="before",
     )  # fmt: skip
     @classmethod
     def _empty_is_none(cls, value: Any) -> Any:
@@ -146,6 +153,17 @@ class SessionParams(BaseModel):
     def folder(self) -> str:
         return self.source_folder or self.session_name
 
+    def thresholds(self, defaults: CurationThresholds) -> CurationThresholds:
+        """The session's curation thresholds: the form's values over the microscope's."""
+        given = {k: getattr(self, k) for k in CurationThresholds.model_fields}
+        merged = defaults.model_dump() | {k: v for k, v in given.items() if v is not None}
+        try:
+            return CurationThresholds.model_validate(merged)
+        except ValidationError as exc:
+            raise SessionParamsError(
+                f"curation thresholds: {exc.errors()[0]['msg']} (given: {merged})"
+            ) from None
+
 
 def form_defaults(scope: MicroscopeConfig) -> dict[str, Any]:
     """The trigger form's defaults for one microscope (its YAML speaks first)."""
@@ -162,6 +180,7 @@ def form_defaults(scope: MicroscopeConfig) -> dict[str, Any]:
         "ctf": p.ctf,
         "picking": p.picking,
         "particle_diameter_A": p.particle_diameter_A,
+        **scope.curation.thresholds.model_dump(),
         "idle_timeout_minutes": s.idle_timeout_minutes,
         "max_hours": s.max_hours,
     }
@@ -241,7 +260,11 @@ def open_session(
         params.session_name,
         dest_root=str(paths.root),
         source_root=str(source_root),
-        params=params.model_dump(),
+        # ``thresholds``: what the verdicts and the session view use for this session
+        params={
+            **params.model_dump(),
+            "thresholds": params.thresholds(scope.curation.thresholds).model_dump(),
+        },
     )
     row = ledger.get_session(session_id)
     paths = SessionPaths(

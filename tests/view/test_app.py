@@ -236,6 +236,20 @@ def test_the_page_through_the_ui_cookie(client: Any, site: dict[str, Any]) -> No
     assert script.status_code == 200 and "fetch(" in script.text
 
 
+def test_the_sessions_curation_alert_shows_on_its_page(client: Any, site: dict[str, Any]) -> None:
+    message = "9 of the last 25 movies accepted (36%; alert below 50%)"
+    site["ledger"].save_alerts(site["sid"], {
+        "low_acceptance": {"active": True, "message": message, "since": "2026-12-02T07:00:00Z"},
+        "no_new_movie": {"active": False, "message": "no new movie for 2 min"},
+    })  # fmt: skip
+    r = client.get(f"{PREFIX}/sessions/krios1/s1", headers=bearer("viewer"))
+    assert r.status_code == 200, r.text
+    assert 'data-alert="low_acceptance"' in r.text and message in r.text
+    assert 'data-alert="no_new_movie"' not in r.text  # not active
+    body = client.get(f"{PREFIX}/api/sessions/krios1/s1", headers=bearer("viewer")).json()
+    assert body["session"]["curation_alerts"]["low_acceptance"]["active"] is True
+
+
 def test_movies_link_to_the_task_logs_that_processed_them(
     client: Any, site: dict[str, Any], airflow_db: Path
 ) -> None:

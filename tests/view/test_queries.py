@@ -82,8 +82,9 @@ def fill(ledger: Ledger, name: str = "s1", *, movies: int = len(DRIFT), params: 
         params=params or _params(session_name=name),
     )  # fmt: skip
     ids = []
+    now = datetime.now(UTC)  # not the module's import time: CI may run this minutes later
     for i in range(movies):
-        acquired = NOW - timedelta(minutes=minutes_apart * (movies - i))
+        acquired = now - timedelta(minutes=minutes_apart * (movies - i))
         mtime = int(acquired.timestamp() * 1e9)
         rel = f"Images-Disc1/GridSquare_1/Data/FoilHole_{i}_Data_1_{i}_fractions.tiff"
         claim = ledger.begin_copy(sid, rel, kind="movie", size=100, mtime_ns=mtime, batch="b1")

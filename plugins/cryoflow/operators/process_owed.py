@@ -4,10 +4,12 @@ A processing run is started by ingest (an asset event per copied batch) and neve
 It claims the owed MotionCor2 work of every session of its microscope in the ledger, submits it
 as one job array and defers; when the array ends it records each movie, claims the CTFFIND and
 picking work that became owed, submits both arrays and defers again; then it refreshes each
-touched session's ``micrographs_ctf.star`` and, for a closed session that owes nothing more,
-its summary. Claims are settled from the ledger and the jobs' fate, never from XCom: a run that
-was killed leaves claims with job ids; the next run records the movies whose outputs exist and
-offers the others again.
+touched session's STAR files (``micrographs_ctf_all.star``: every movie with a CTF;
+``micrographs_ctf.star``: those curation accepted, see ``cryoflow.curation``), evaluates the
+sessions' curation alerts and, for a closed session that owes nothing more, its summary.
+Claims are settled from the ledger and the jobs' fate, never from XCom: a run that was killed
+leaves claims with job ids; the next run records the movies whose outputs exist and offers the
+others again.
 """
 
 from __future__ import annotations
@@ -21,10 +23,10 @@ from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import BaseOperator
 
-from cryoflow import processing
+from cryoflow import curation, processing
 from cryoflow.compute.jobscript import SubmittedJob, TaskStatus
 from cryoflow.compute.settings import parse_backend
-from cryoflow.config import load_site
+from cryoflow.config import CurationThresholds, load_site
 from cryoflow.ledger import FileRow, Ledger, StageRow
 from cryoflow.operators.compute_job import ArrayJobs, _safe, statuses_from_event
 from cryoflow.session import SessionHandle, SessionParams, write_summary
@@ -63,6 +65,8 @@ class ProcessOwedOperator(BaseOperator):
         self.microscope_id = microscope_id
         self._touched: set[int] = set()
         self._new_ctf: dict[int, list[int]] = {}  # session -> movies whose CTF this run did
+        self._new_accepted: dict[int, list[int]] = {}  # session -> movies this run accepted
+        self._thresholds: dict[int, CurationThresholds] = {}  # session -> its thresholds
 
     # -- configuration, sessions -----------------------------------------------------------
 
@@ -82,8 +86,20 @@ class ProcessOwedOperator(BaseOperator):
         if session_id not in self._sessions:
             row = self.ledger.get_session(session_id)
             handle = SessionHandle(session_id, row.source_root, row.dest_root, None)
-            self._sessions[session_id] = (handle, SessionParams.model_validate(row.params))
+            params = SessionParams.model_validate(row.params)
+            self._sessions[session_id] = (handle, params)
+            stored = (row.params or {}).get("thresholds")  # open_session resolved them
+            curation_cfg = self.site.microscopes[self.microscope_id].curation
+            self._thresholds[session_id] = (
+                CurationThresholds.model_validate(stored)
+                if isinstance(stored, dict)
+                else params.thresholds(curation_cfg.thresholds)  # a session from before
+            )
         return self._sessions[session_id]
+
+    def thresholds(self, session_id: int) -> CurationThresholds:
+        self.session(session_id)
+        return self._thresholds[session_id]
 
     @cached_property
     def _backends(self) -> dict[str, ArrayJobs]:
@@ -241,13 +257,33 @@ class ProcessOwedOperator(BaseOperator):
         movies, params = self._movies(work)
         ok, problems = processing.record_step(self.ledger, stage, movies, states, job, params)
         self.log.info("%s: %d of %d movie(s) done", stage, len(ok), len(movies))
+        by_file = {w.file_id: w.session_id for w in work}
         if stage == "ctf":
-            by_file = {w.file_id: w.session_id for w in work}
             for m in ok:
                 self._new_ctf.setdefault(by_file[m.file_id], []).append(m.file_id)
         for problem in problems:
             self.log.error("%s", problem)
+        # curation: movies whose last step is now settled get their verdict
+        verdicts = curation.decide(
+            self.ledger,
+            by_file,
+            lambda file_id: self.thresholds(by_file[file_id]),
+            self.site.facility.processing.max_attempts,
+        )
+        rejected = 0
+        for file_id, accepted, reason in verdicts:
+            if accepted:
+                self._new_accepted.setdefault(by_file[file_id], []).append(file_id)
+            else:
+                rejected += 1
+                self.log.info("Rejected %s: %s", self._label(work, file_id), reason)
+        if verdicts:
+            self.log.info("Curation: %d accepted, %d rejected", len(verdicts) - rejected, rejected)
         self._touched.update(w.session_id for w in work)
+
+    @staticmethod
+    def _label(work: list[Work], file_id: int) -> str:
+        return next((w.relpath for w in work if w.file_id == file_id), str(file_id))
 
     def _my_jobs(self, context: Context) -> list[tuple[str, SubmittedJob, list[Work]]]:
         """This try's submitted, unsettled jobs, from the ledger: CTF before picking."""
@@ -307,8 +343,9 @@ class ProcessOwedOperator(BaseOperator):
         self._record(stage, work, states, job.to_dict())
         if stage == "motioncor":
             self._claim_downstream(context)
-        if stage == "ctf":
+        if stage in ("ctf", "picking"):
             self._write_star()
+        if stage == "ctf":
             self._claim_picking(context)
         return self._wait(context)
 
@@ -337,19 +374,41 @@ class ProcessOwedOperator(BaseOperator):
     # -- the end of a run ------------------------------------------------------------------
 
     def _write_star(self) -> None:
-        """Append this run's new CTF results to each session's micrographs_ctf.star."""
-        for session_id, file_ids in sorted(self._new_ctf.items()):
-            handle, p = self.session(session_id)
-            path = processing.write_micrographs_ctf_star(
-                self.ledger, handle, p, self.site.facility.permissions.file_mode, file_ids
-            )
-            self.log.info("Session %s: %d movie(s) added to %s", session_id, len(file_ids), path)
-        self._new_ctf.clear()
+        """Append this run's new CTF results to each session's micrographs_ctf_all.star and
+        the movies it accepted to micrographs_ctf.star (RELION's import)."""
+        mode = self.site.facility.permissions.file_mode
+        for pending, accepted_only in ((self._new_ctf, False), (self._new_accepted, True)):
+            for session_id, file_ids in sorted(pending.items()):
+                handle, p = self.session(session_id)
+                path = processing.write_micrographs_ctf_star(
+                    self.ledger, handle, p, mode, file_ids, accepted_only=accepted_only
+                )
+                self.log.info(
+                    "Session %s: %d movie(s) added to %s", session_id, len(file_ids), path
+                )
+            pending.clear()
+
+    def _alerts(self, context: Context) -> None:
+        """Evaluate each running (or touched) session's curation alerts; send new ones."""
+        cfg = self.site.microscopes[self.microscope_id].curation.alert
+        send = (
+            curation.notifier_sender(cfg.notifier, dict(context))
+            if cfg.notifier is not None
+            else None
+        )
+        ids = set(self.ledger.running_sessions(self.microscope_id)) | self._touched
+        for session_id in sorted(ids):
+            row = self.ledger.get_session(session_id)
+            alerts = curation.update_alerts(self.ledger, row, cfg, send)
+            for kind, state in alerts.items():
+                if state.get("active"):
+                    self.log.warning("Session %s alert %s: %s", row.name, kind, state["message"])
 
     def _finish(self, context: Context) -> dict[str, Any]:
         """Refresh results of touched sessions; a closed session owing nothing gets its final
         summary (also when its owed work ended in an earlier run)."""
         self._write_star()
+        self._alerts(context)
         max_attempts = self.site.facility.processing.max_attempts
         for row in self.ledger.sessions_to_summarize(self.microscope_id):
             if self.ledger.owed_count(row.id, max_attempts) == 0:

@@ -258,6 +258,17 @@ def _rates_table(rates: dict[str, Any]) -> str:
     )
 
 
+def _alerts(alerts: dict[str, Any]) -> str:
+    """The session's active curation alerts (recorded by processing, cryoflow.curation)."""
+    shown = [
+        f'<p class="warn" data-alert="{escape(kind)}">Alert: {escape(str(a.get("message", "")))}'
+        f" (since {_when(a.get('since'))})</p>"
+        for kind, a in sorted(alerts.items())
+        if isinstance(a, dict) and a.get("active")
+    ]
+    return "".join(shown)
+
+
 def _thresholds(thresholds: dict[str, float], source: str) -> str:
     items = ", ".join(f"{escape(k)} = {v:g}" for k, v in thresholds.items())
     return f'<p class="muted">Thresholds ({escape(source)}): {items}.</p>'
@@ -440,6 +451,7 @@ def session_page(
         f"<h1>{escape(name)} {_state(session['state'])}</h1>",
         f'<p class="muted">{" · ".join(facts)}<br>Airflow: {airflow}</p>',
         end,
+        _alerts(session.get("curation_alerts") or {}),
         "<h2>Movies</h2>",
         _cards(counts),
         "<h3>Per step</h3>",

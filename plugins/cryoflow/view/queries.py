@@ -20,6 +20,7 @@ import numpy as np
 from sqlalchemy import and_, case, create_engine, event, func, select
 from sqlalchemy.engine import Connection, Engine
 
+from cryoflow.config import CurationThresholds
 from cryoflow.ledger import FileRow, FileState, SessionRow, StageRow, StageState, get_engine
 from cryoflow.steps import MOVIE_KIND, STAGES
 
@@ -27,17 +28,11 @@ FILES = FileRow.__table__.c
 STAGE_ROWS = StageRow.__table__.c
 SESSIONS = SessionRow.__table__.c
 
-#: Facility defaults for the lines drawn on the plots, used where the session's params carry no
-#: ``thresholds`` mapping (the curation settings of a later issue will supply one). Units are the
-#: plots' units: Å, µm of defocus, particles per micrograph.
-DEFAULT_THRESHOLDS: dict[str, float] = {
-    "max_total_drift_A": 30.0,  # beam-induced motion above this blurs beyond what MotionCor2 fixes
-    "min_defocus_um": 0.5,  # too close to focus: little low-resolution contrast
-    "max_defocus_um": 3.0,  # too far: the CTF envelope kills high resolution
-    "max_astigmatism_A": 1000.0,  # |defocus1 - defocus2|
-    "max_fit_resolution_A": 6.0,  # CTFFIND fit; worse: thick ice, drift, no Thon rings
-    "min_particles": 20.0,  # fewer picks: empty hole, thick ice or carbon
-}
+#: Defaults for the lines drawn on the plots, used where the session's params carry no
+#: ``thresholds`` mapping (sessions opened before curation): the one definition,
+#: :class:`cryoflow.config.CurationThresholds`. Units are the plots' units: Å, µm of defocus,
+#: particles per micrograph.
+DEFAULT_THRESHOLDS: dict[str, float] = CurationThresholds().model_dump()
 
 
 @dataclass(frozen=True)
@@ -708,6 +703,7 @@ def _session_dict(row: Any) -> dict[str, Any]:
         "summary_final": bool(row["summary_final"]),
         "params": params,
         "watch_state": row["watch_state"] or {},
+        "curation_alerts": row.get("curation_alerts") or {},
     }
 
 
