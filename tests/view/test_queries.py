@@ -311,3 +311,12 @@ def test_session_end_is_the_close_time_of_a_closed_session() -> None:
     closed = {"state": "closed", "closed_at": "2026-11-20T10:00:00+00:00"}
     assert session_end(closed) == datetime(2026, 11, 20, 10, tzinfo=UTC)
     assert session_end({"state": "open", "closed_at": None}, NOW) == NOW
+
+
+def test_steps_done_after_the_close_still_count_in_the_rates() -> None:
+    closed = {
+        "state": "closed",
+        "closed_at": "2026-11-20T10:00:00+00:00",
+        "summary_at": "2026-11-20T10:04:00+00:00",  # the last owed step done 4 min later
+    }
+    assert session_end(closed) == datetime(2026, 11, 20, 10, 4, tzinfo=UTC)

@@ -725,9 +725,12 @@ def settling_movies(watch_state: dict[str, Any] | None, layout: Any) -> int:
 
 
 def session_end(session: dict[str, Any], now: datetime | None = None) -> datetime:
-    """The moment rates are measured back from: now for a running session, its close time."""
+    """The moment rates are measured back from: now for a running session; for a closed one
+    its close time or, when processing went on after it, the last summary (written when the
+    last owed step was done), so steps finished after the close still count."""
     if session["state"] == "closed" and session["closed_at"]:
-        return datetime.fromisoformat(session["closed_at"])
+        times = [session["closed_at"], session.get("summary_at")]
+        return max(datetime.fromisoformat(t) for t in times if t)
     return now or datetime.now(UTC)
 
 
