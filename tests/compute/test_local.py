@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -76,3 +77,33 @@ def test_runner_killed_from_outside_leaves_its_tasks_lost(tmp_path: Path) -> Non
     os.killpg(pid, signal.SIGKILL)  # what a machine crash or OOM killer would leave behind
 
     assert _wait(client, job, timeout_s=5) == [TaskStatus("LOST", None)]
+
+
+def test_a_job_is_followed_from_another_host_through_its_folder(tmp_path: Path) -> None:
+    """The triggerer may run on another host than the runner: the job's state comes from its
+    folder (heartbeat), not from /proc, and a cancel written there stops the runner."""
+    client = LocalCompute(LocalBackend(workdir=str(tmp_path), max_parallel=1))
+    layout = JobLayout(str(tmp_path / "job"))
+    script = build_array_script(
+        step="t", tasks=[["sh", "-c", "echo started; exec sleep 30"]] * 2, layout=layout
+    )
+    job = client.submit(script, layout, 2)
+    job_dir = Path(layout.job_dir)
+    deadline = time.monotonic() + 10
+    while client.poll([job])[job.job_id][0].state != "RUNNING":
+        assert time.monotonic() < deadline, "task 0 never started"
+        time.sleep(0.05)
+    pid, ticks, _host = (job_dir / "runner.pid").read_text().split()
+    (job_dir / "runner.pid").write_text(f"{pid} {ticks} another-host\n")  # as seen from there
+    assert [s.state for s in client.poll([job])[job.job_id]] == ["RUNNING", "PENDING"]
+    alive = job_dir / "runner.alive"
+    old = time.time() - 3600
+    os.utime(alive, (old, old))  # a runner whose heartbeat stopped: gone
+    assert [s.state for s in client.poll([job])[job.job_id]] == ["LOST", "LOST"]
+    # a cancel written from the other host (no signal can reach the runner): it stops itself
+    (job_dir / "cancelled").write_text("0\n")
+    deadline = time.monotonic() + 15
+    while alive.exists():  # removed when the runner ends
+        assert time.monotonic() < deadline, "the runner did not obey the cancel file"
+        time.sleep(0.1)
+    assert [s.state for s in client.poll([job])[job.job_id]][1] == "CANCELLED"

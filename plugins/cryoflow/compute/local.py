@@ -7,8 +7,11 @@ index with SLURM_ARRAY_TASK_ID/SLURM_ARRAY_JOB_ID set, at most `max_parallel` at
 stdout/stderr in `logs/<A>_<a>.out|.err`; the script itself writes `exit/<A>_<a>` atomically.
 Status, cancel and log reading are plain file reads, cheap enough for the triggerer.
 
-Files besides the script's own: `runner.pid` ("<pid> <start ticks>", guards against pid reuse),
-`started/<A>_<a>` (task launched), `cancelled` (a cancel was requested), `runner.log`. All of
+Files besides the script's own: `runner.pid` ("<pid> <start ticks> <host>", guards against pid
+reuse), `runner.alive` (touched every few seconds while the runner lives: the job's state is read
+from its folder, so a triggerer or worker on another host than the runner's sees it too; a
+`cancelled` file stops the runner from any host), `started/<A>_<a>` (task launched),
+`runner.log`. All of
 them, the job folders and the task logs get the modes the script was built with
 (:func:`~cryoflow.compute.jobscript.script_modes`): new folders are chmod-ed to ``dir_mode``,
 files are created with ``file_mode``, and the runner runs under the script's umask.
@@ -21,8 +24,10 @@ import contextlib
 import os
 import secrets
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -74,7 +79,8 @@ class LocalCompute:
                 env=env,
                 umask=job_umask(file_mode, dir_mode),  # started/*, the task logs
             )  # fmt: skip
-        _write_atomic(job_dir / "runner.pid", f"{proc.pid} {_start_ticks(proc.pid)}\n", file_mode)
+        pid_line = f"{proc.pid} {_start_ticks(proc.pid)} {socket.gethostname()}\n"
+        _write_atomic(job_dir / "runner.pid", pid_line, file_mode)
         return job
 
     def poll(self, jobs: Sequence[SubmittedJob]) -> dict[str, list[TaskStatus]]:
@@ -114,7 +120,7 @@ class LocalCompute:
 def _poll_one(job: SubmittedJob) -> list[TaskStatus]:
     layout = job.layout
     job_dir = Path(job.job_dir)
-    alive = _runner_pid(job_dir) is not None
+    alive = _runner_alive(job_dir)
     cancelled = (job_dir / "cancelled").exists()
     statuses = []
     for i in range(job.n_tasks):
@@ -160,10 +166,33 @@ def _start_ticks(pid: int) -> str:
     return stat.rsplit(")", 1)[1].split()[19]
 
 
-def _runner_pid(job_dir: Path) -> int | None:
-    """The runner's pid if it is still running (not a zombie, not a recycled pid)."""
+# The runner touches runner.alive this often; older than STALE_AFTER_S, it is gone.
+HEARTBEAT_S = 5.0
+STALE_AFTER_S = 60.0
+
+
+def _runner_alive(job_dir: Path) -> bool:
+    """Whether the runner still runs: on its own host from /proc (exact), elsewhere from its
+    heartbeat file (the job folder is on shared storage)."""
     try:
-        pid_text, ticks = (job_dir / "runner.pid").read_text().split()
+        host = (job_dir / "runner.pid").read_text().split()[2]
+    except (OSError, IndexError):
+        host = socket.gethostname()  # written by this host (or an older runner)
+    if host == socket.gethostname():
+        return _runner_pid(job_dir) is not None
+    try:
+        age = time.time() - (job_dir / "runner.alive").stat().st_mtime
+    except OSError:
+        return False
+    return age < STALE_AFTER_S
+
+
+def _runner_pid(job_dir: Path) -> int | None:
+    """The runner's pid if it is still running on this host (not a zombie, not recycled)."""
+    try:
+        pid_text, ticks, *host = (job_dir / "runner.pid").read_text().split()
+        if host and host[0] != socket.gethostname():
+            return None
         stat = Path(f"/proc/{int(pid_text)}/stat").read_text()
     except (OSError, ValueError):
         return None
@@ -216,6 +245,8 @@ def run_array(job_dir: str, job_id: str, n_tasks: int, max_parallel: int) -> int
             _terminate(child.pid)
 
     signal.signal(signal.SIGTERM, _on_term)
+    heartbeat = threading.Thread(target=_heartbeat, args=(Path(job_dir),), daemon=True)
+    heartbeat.start()
     next_index = 0
     while (next_index < n_tasks and not stop) or running:
         while next_index < n_tasks and len(running) < max_parallel and not stop:
@@ -229,7 +260,21 @@ def run_array(job_dir: str, job_id: str, n_tasks: int, max_parallel: int) -> int
         proc = running.pop(pid, None)
         if proc is not None:
             proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen
+    with contextlib.suppress(OSError):
+        (Path(job_dir) / "runner.alive").unlink()
     return 0
+
+
+def _heartbeat(job_dir: Path) -> None:
+    """Show other hosts that the runner lives; obey a cancel written from any host."""
+    alive = job_dir / "runner.alive"
+    while True:
+        with contextlib.suppress(OSError):
+            alive.touch()
+        if (job_dir / "cancelled").exists():
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+        time.sleep(HEARTBEAT_S)
 
 
 def _launch(layout: JobLayout, job_id: str, index: int) -> subprocess.Popen[bytes]:
