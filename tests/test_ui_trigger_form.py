@@ -32,10 +32,10 @@ import pytest
 
 from cryoflow.config import load_site
 from cryoflow.session import SessionParams
-from tests.conftest import ROOT
 from tests.ui_browser import (
     Browser,
     LiveAirflow,
+    demo_site,
     ensure_chromium,
     live_airflow,
     wait_for,
@@ -67,23 +67,7 @@ def artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def airflow_ui(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveAirflow]:
     ensure_chromium()  # first: no Airflow start when the browser is missing
     root = tmp_path_factory.mktemp("ui-airflow")
-    for d in ("share/krios1", "share/krios2", "gpfs", "jobs"):
-        (root / d).mkdir(parents=True)
-    site = {  # scripts/demo.sh's settings
-        "CRYOFLOW_CONFIG_DIR": str(ROOT / "config"),
-        "CRYOFLOW_SHARE_ROOT": str(root / "share"),
-        "CRYOFLOW_GPFS_ROOT": str(root / "gpfs"),
-        "CRYOFLOW_LEDGER_URL": f"sqlite:///{root}/ledger.db",
-        "CRYOFLOW_SETTLE_SECONDS": "5",
-        "CRYOFLOW_POLL_SECONDS": "2",
-        "CRYOFLOW_BATCH_WINDOW_SECONDS": "15",
-        "CRYOFLOW_LOCAL_WORKDIR": str(root / "jobs"),
-        "CRYOFLOW_GPU_BACKEND": "local",
-        "CRYOFLOW_CPU_BACKEND": "local",
-        "CRYOFLOW_MOTIONCOR2": "cryoflow-motioncor2",
-        "CRYOFLOW_CTFFIND": "cryoflow-ctffind",
-        "CRYOFLOW_DOGPICKER": "cryoflow-dogpicker",
-    }
+    site = demo_site(root)  # scripts/demo.sh's settings
     with live_airflow(root / "airflow", site) as airflow:
         with airflow.api() as api:
             # the DAG exists once the dag-processor parsed the bundle
