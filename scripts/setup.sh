@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3.11}
 command -v "$PY" >/dev/null || PY=python3
 stamp=.venv/.cryoflow-installed
-want=$(cat requirements.lock pyproject.toml | sha256sum | cut -d' ' -f1)
+want=$(cat requirements.lock docker/requirements-stack.txt pyproject.toml | sha256sum | cut -d' ' -f1)
 if [[ -f $stamp && $(cat "$stamp") == "$want" ]]; then
   exit 0
 fi
@@ -26,7 +26,9 @@ if [[ ! -e /usr/include/ldap.h || ! -e /usr/include/sasl/sasl.h ]]; then
   fi
 fi
 .venv/bin/python -m pip install --quiet --disable-pip-version-check "uv==0.13.9"
-.venv/bin/uv pip install --quiet --python .venv/bin/python -r requirements.lock
+# requirements-stack.txt: the CeleryExecutor of the deployed stack, run for real by the tests
+.venv/bin/uv pip install --quiet --python .venv/bin/python -r requirements.lock \
+  -r docker/requirements-stack.txt
 .venv/bin/uv pip install --quiet --python .venv/bin/python --no-deps -e .
 echo "$want" > "$stamp"
 echo "setup: .venv ready ($(.venv/bin/python -c 'import airflow; print("airflow", airflow.__version__)'))"
