@@ -18,7 +18,7 @@ fi
 [[ -x $PREFIX/bin/python ]] || "$UV" venv --quiet --python "$PY" "$PREFIX"
 "$UV" pip install --quiet --python "$PREFIX/bin/python" -c "$REPO/requirements.lock" \
   numpy scipy mrcfile tifffile imagecodecs starfile pandas pillow pydantic
-"$UV" pip install --quiet --python "$PREFIX/bin/python" --no-deps --reinstall-package cryoflow "$REPO"
+"$UV" pip install --quiet --python "$PREFIX/bin/python" --no-deps --reinstall-package cryoem-acquisition-pipeline "$REPO"
 chmod -R a+rX "$PREFIX"
 echo "$want" > "$PREFIX/.cryoflow-engines"
 echo "engines installed in $PREFIX/bin: $(cd "$PREFIX/bin" && ls cryoflow-* | tr '\n' ' ')"
