@@ -4,7 +4,9 @@
 no worker slot), copy them to GPFS verified, then trigger the next batch run or close. Its asset
 event starts ``process_<id>``, which processes whatever the ledger says is owed and is never
 waited on, so copying goes on at the microscope's pace however long the clusters take.
-``end_session``: an operator ends a session at any moment. See README "Why this design".
+``end_session_<id>``: an operator ends a session of that microscope at any moment (one DAG per
+microscope: the right to end is given per microscope, as the right to start is). See README
+"Why this design".
 """
 
 from __future__ import annotations
@@ -71,23 +73,23 @@ def processing_dag(scope: MicroscopeConfig) -> DAG:
     return dag
 
 
-def end_session_dag(scopes: list[str]) -> DAG:
+def end_session_dag(scope: MicroscopeConfig) -> DAG:
     with DAG(
-        dag_id="end_session",
-        description="End a running session now: stop watching, copy what is complete, close",
+        dag_id=f"end_session_{scope.id}",
+        description=f"{scope.name}: end a running session now (stop watching, copy what is "
+        "complete, close)",
         schedule=None,
         start_date=START,
         catchup=False,
         is_paused_upon_creation=False,
         params={
-            "microscope": Param(scopes[0] if scopes else "", enum=scopes, title="Microscope"),
             "session_name": Param(
                 "", type="string", pattern=SESSION_NAME_PATTERN, title="Session name"
             ),
         },
-        tags=["operator"],
+        tags=["operator", scope.id],
     ) as dag:
-        end_session()
+        end_session(microscope=scope.id)
     return dag
 
 
@@ -95,4 +97,4 @@ _site = load_site()
 for _scope in _site.microscopes.values():
     globals()[f"session_{_scope.id}"] = ingest_dag(_scope)
     globals()[f"process_{_scope.id}"] = processing_dag(_scope)
-end_session_dag_ = end_session_dag(sorted(_site.microscopes))
+    globals()[f"end_session_{_scope.id}"] = end_session_dag(_scope)

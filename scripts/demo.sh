@@ -125,7 +125,7 @@ cat <<MSG
   Ledger:       $DEMO/ledger.db (SQLite)
 
   Start another session: DAGs -> session_krios1 -> Trigger, fill in the form.
-  End a session now: DAGs -> end_session -> Trigger with krios1 and the session name.
+  End a session now: DAGs -> end_session_krios1 -> Trigger with the session name.
   Ctrl-C stops Airflow and the simulator.
 
 MSG

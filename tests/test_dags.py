@@ -22,8 +22,8 @@ def test_every_microscope_yields_an_ingest_and_a_processing_dag(airflow_db) -> N
     bag = _bag()
     assert bag.import_errors == {}
     scopes = sorted(p.stem for p in (ROOT / "config" / "microscopes").glob("*.yaml"))
-    kinds = ("process", "session", "cleanup")
-    expected = ["end_session"] + [f"{kind}_{s}" for kind in kinds for s in scopes]
+    kinds = ("process", "session", "cleanup", "end_session")
+    expected = [f"{kind}_{s}" for kind in kinds for s in scopes]
     assert sorted(bag.dag_ids) == sorted(expected)
     dag = bag.get_dag("session_krios2")
     assert dag.is_paused_upon_creation is True

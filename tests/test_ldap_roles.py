@@ -65,7 +65,7 @@ def test_researcher_reads_and_changes_nothing() -> None:
 
 def test_an_operator_runs_only_its_own_microscopes_dags() -> None:
     perms = set(auth_roles.role_definitions(MICROSCOPES)["Operator_krios1"])
-    for dag_id in ("session_krios1", "process_krios1", "end_session"):
+    for dag_id in ("session_krios1", "process_krios1", "end_session_krios1"):
         assert ("can_edit", f"DAG:{dag_id}") in perms
         assert ("can_create", f"DAG Run:{dag_id}") in perms
     granted = {r for a, r in perms if a in ("can_edit", "can_create", "can_delete")}
@@ -305,9 +305,7 @@ def _api(live: FabAirflow, directory: Directory, uid: str) -> httpx.Client:
 
 def _trigger(api: httpx.Client, dag_id: str) -> httpx.Response:
     conf: dict[str, Any] = {"session_name": f"auth-{uuid.uuid4().hex[:8]}"}
-    if dag_id == "end_session":
-        conf["microscope"] = "krios1"
-    elif dag_id.startswith("process_"):
+    if dag_id.startswith("process_"):
         conf = {}
     return api.post(f"/dags/{dag_id}/dagRuns", json={"logical_date": None, "conf": conf})
 
@@ -363,11 +361,13 @@ def test_a_researcher_reads_but_cannot_trigger(
         resp = api.get("/dags", params={"limit": 100})
         assert resp.status_code == 200, resp.text
         dag_ids = {d["dag_id"] for d in resp.json()["dags"]}
-        assert {"session_krios1", "session_krios2", "end_session", "process_krios1"} <= dag_ids
+        assert {"session_krios1", "session_krios2", "end_session_krios1", "process_krios1"} <= (
+            dag_ids
+        )
         assert api.get("/dags/session_krios1/dagRuns").status_code == 200
         assert api.get("/dags/~/dagRuns/~/taskInstances").status_code == 200
         assert _trigger(api, "session_krios1").status_code == 403
-        assert _trigger(api, "end_session").status_code == 403
+        assert _trigger(api, "end_session_krios1").status_code == 403
         assert _pause(api, "session_krios1", False).status_code == 403
         assert api.get("/plugins").status_code == 200  # the UI's "Sessions" entry
         view = api.get(f"{fab_airflow.base_url}/cryoflow/view/api/microscopes")
@@ -389,7 +389,8 @@ def test_an_operator_runs_only_their_microscope(
         assert _trigger(api, "session_krios2").status_code == 403
         assert _trigger(api, "process_krios1").status_code == 200
         assert _trigger(api, "process_krios2").status_code == 403
-        assert _trigger(api, "end_session").status_code == 200  # ends their sessions
+        assert _trigger(api, "end_session_krios1").status_code == 200  # ends their sessions
+        assert _trigger(api, "end_session_krios2").status_code == 403  # not another's
         assert _pause(api, "session_krios1", True).status_code == 200
         assert api.get("/dags/session_krios2/dagRuns").status_code == 200  # reads all
     with _api(fab_airflow, directory, "op-krios2") as api:

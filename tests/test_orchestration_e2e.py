@@ -246,7 +246,7 @@ def test_killed_processing_run_is_settled_by_the_next_without_doing_anything_twi
 
 
 def _end_session(session: str):
-    run = load_dag("end_session").test(run_conf={"microscope": "krios2", "session_name": session})
+    run = load_dag("end_session_krios2").test(run_conf={"session_name": session})
     assert str(run.state) == "success"
     return run
 

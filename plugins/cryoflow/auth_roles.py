@@ -6,8 +6,9 @@ maps the directory's groups to these roles at every sign-in. The roles come from
 
 ``Operator_<microscope>`` (one per ``config/microscopes/<microscope>.yaml``)
     reads everything a researcher reads, and on its microscope's DAGs only -- ``session_<id>``,
-    ``process_<id>`` and the shared ``end_session`` -- may switch them on and off and create (and
-    change) runs: start a session, end it, rerun processing. Any other DAG: read only.
+    ``process_<id>`` and ``end_session_<id>`` -- may switch them on and off and create (and
+    change) runs: start a session, end it, rerun processing. Any other DAG (another microscope's
+    ``end_session_<id>`` too): read only.
 ``Researcher``
     read only: DAGs, their runs, task instances and task logs, the session view (it asks for
     read access to ``session_<id>``), assets, XComs. Triggers nothing, pauses nothing.
@@ -19,8 +20,7 @@ is ``DAG:<dag_id>`` (actions ``can_read``, ``can_edit``, ``can_delete``), its ru
 ``DAG Run:<dag_id>`` (``can_read``, ``can_create``, ``can_delete``). To trigger a DAG the FAB auth
 manager asks for ``can_create`` on ``DAG Runs`` or ``DAG Run:<dag_id>`` AND ``can_edit`` on
 ``DAGs`` or ``DAG:<dag_id>``; pausing asks for ``can_edit`` on ``DAGs`` or ``DAG:<dag_id>``.
-Limits of that model: an operator's ``can_edit`` on the shared ``end_session`` DAG also lets them
-pause it, and ``end_session`` runs carry the microscope in their conf, which FAB does not look at;
+Limits of that model: an operator's ``can_edit`` on ``end_session_<id>`` also lets them pause it;
 clearing task instances needs the global ``Task Instances`` permission, which operators lack.
 
 ``sync_roles`` creates missing roles and sets each managed role to exactly its permissions (a
@@ -47,7 +47,7 @@ RESEARCHER_ROLE = "Researcher"
 ADMIN_ROLE = "Admin"  # FAB's built-in role: all permissions
 
 # The DAGs an operator of a microscope runs (dags/microscope_sessions.py).
-OPERATOR_DAGS = ("session_{microscope}", "process_{microscope}", "end_session")
+OPERATOR_DAGS = ("session_{microscope}", "process_{microscope}", "end_session_{microscope}")
 
 # Directory groups (AD group names, the cn of their DNs) -> roles, see ldap_roles_mapping
 OPERATOR_GROUP = "cryo-operators-{microscope}"

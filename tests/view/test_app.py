@@ -428,15 +428,15 @@ def test_ending_a_session_triggers_end_session_as_the_user(
     r = client.post(url, json={"confirm": "s1"}, headers=op)
     assert r.status_code == 200, r.text
     run_id = r.json()["dag_run_id"]
-    assert r.json()["url"].endswith(f"/dags/end_session/runs/{run_id}".replace("+", "%2B")
+    assert r.json()["url"].endswith(f"/dags/end_session_krios1/runs/{run_id}".replace("+", "%2B")
                                     .replace(":", "%3A"))  # fmt: skip
     with create_session() as s:
-        run = s.scalar(select(DagRun).where(DagRun.dag_id == "end_session",
+        run = s.scalar(select(DagRun).where(DagRun.dag_id == "end_session_krios1",
                                             DagRun.run_id == run_id))  # fmt: skip
-        assert run is not None and run.conf == {"microscope": "krios1", "session_name": "s1"}
+        assert run is not None and run.conf == {"session_name": "s1"}
         assert run.triggering_user_name == "operator-ann"
         assert str(run.run_type) in ("manual", "DagRunType.MANUAL")
-        audit = s.scalars(select(Log).where(Log.dag_id == "end_session",
+        audit = s.scalars(select(Log).where(Log.dag_id == "end_session_krios1",
                                             Log.run_id == run_id)).all()  # fmt: skip
         assert [a.owner for a in audit] == ["operator-ann"]
     # a closed session cannot be ended again

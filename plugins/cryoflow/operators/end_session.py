@@ -22,10 +22,11 @@ log = logging.getLogger(__name__)
 
 
 @task
-def end_session(wait_minutes: float = 5.0, poll_seconds: float = 2.0) -> dict:
-    params = get_current_context()["params"]
+def end_session(microscope: str, wait_minutes: float = 5.0, poll_seconds: float = 2.0) -> dict:
+    """End ``microscope``'s session named by the run's ``session_name`` param (the DAG is the
+    microscope's own ``end_session_<id>``)."""
+    name = get_current_context()["params"]["session_name"]
     site = load_site()
-    microscope, name = params["microscope"], params["session_name"]
     ledger = Ledger(site.facility.storage.ledger_url)
     row = ledger.find_session(microscope, name)
     if row is None:

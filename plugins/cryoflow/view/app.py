@@ -7,10 +7,11 @@ security``), which reads the bearer token or the UI's ``_token`` cookie and answ
 is none or it expired and 403 when it is not valid; then the configured auth manager (simple, FAB
 with LDAP, ...) decides with ``is_authorized_dag``: reading a microscope's sessions needs read
 access to its DAG ``session_<microscope>``, ending a session needs the right to create runs of
-``end_session`` (what triggering it through Airflow's REST API needs).
+the microscope's ``end_session_<microscope>`` (what triggering it through Airflow's REST API
+needs).
 
-"End session" triggers the ``end_session`` DAG through Airflow's own trigger route function (the
-one behind ``POST /api/v2/dags/end_session/dagRuns``: the DAG's params are validated, the run
+"End session" triggers ``end_session_<microscope>`` through Airflow's own trigger route function
+(the one behind ``POST /api/v2/dags/<dag_id>/dagRuns``: the DAG's params are validated, the run
 records the user as its triggering user) and writes an audit-log entry, so it shows in Airflow
 like any manual trigger; the DAG then asks the session to end through the ledger.
 """
@@ -58,7 +59,13 @@ UI_ROUTE = "cryoflow-sessions"
 #: The task of ``process_<microscope>`` (dags/microscope_sessions.py) whose log holds each job
 #: array task's output, headed by its movie.
 PROCESS_TASK = "process"
-END_DAG = "end_session"
+END_DAG = "end_session_{microscope}"
+
+
+def end_dag(microscope: str) -> str:
+    """The DAG that ends ``microscope``'s sessions (one per microscope: rights per microscope)."""
+    return END_DAG.format(microscope=microscope)
+
 
 CSP = (
     "default-src 'none'; img-src 'self' data:; style-src 'unsafe-inline'; script-src 'self'; "
@@ -437,7 +444,8 @@ def session_page(
         movies=movies,
         older=older,
         links=links,
-        can_end=session["state"] != "closed" and may(user, "POST", END_DAG, DagAccessEntity.RUN),
+        can_end=session["state"] != "closed"
+        and may(user, "POST", end_dag(session["microscope"]), DagAccessEntity.RUN),
         generated=datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC"),
     )
     return HTMLResponse(body)
@@ -475,7 +483,7 @@ def api_session(user: GetUserDep, session: SessionOf, view: ViewDep) -> JSONResp
         "thresholds": thresholds,
         "thresholds_from": source,
         "can_end": session["state"] != "closed"
-        and may(user, "POST", END_DAG, DagAccessEntity.RUN),
+        and may(user, "POST", end_dag(session["microscope"]), DagAccessEntity.RUN),
     })  # fmt: skip
 
 
@@ -549,22 +557,22 @@ def api_end(
     session: SessionOf,
     db: SessionDep,
 ) -> dict[str, Any]:
-    """End a running session now: trigger ``end_session`` as Airflow's REST API would."""
-    if not may(user, "POST", END_DAG, DagAccessEntity.RUN):
-        raise HTTPException(
-            status.HTTP_403_FORBIDDEN, f"no permission to trigger the DAG {END_DAG}"
-        )
+    """End a running session now: trigger ``end_session_<microscope>`` as Airflow's REST API
+    would."""
+    dag_id = end_dag(session["microscope"])
+    if not may(user, "POST", dag_id, DagAccessEntity.RUN):
+        raise HTTPException(status.HTTP_403_FORBIDDEN, f"no permission to trigger the DAG {dag_id}")
     if body.confirm != session["name"]:
         raise HTTPException(status.HTTP_400_BAD_REQUEST, "the confirmation is not the session name")
     if session["state"] == "closed":
         raise HTTPException(status.HTTP_409_CONFLICT, f"session {session['name']} is closed")
     run = trigger_end_session(db, request, user, session["microscope"], session["name"])
-    log.info("%s triggered %s run %s for %s/%s", user.get_name(), END_DAG, run.run_id,
+    log.info("%s triggered %s run %s for %s/%s", user.get_name(), dag_id, run.run_id,
              session["microscope"], session["name"])  # fmt: skip
     return {
-        "dag_id": END_DAG,
+        "dag_id": dag_id,
         "dag_run_id": run.run_id,
-        "url": f"{airflow_ui_base()}dags/{END_DAG}/runs/{quote(run.run_id, safe='')}",
+        "url": f"{airflow_ui_base()}dags/{dag_id}/runs/{quote(run.run_id, safe='')}",
     }
 
 
@@ -573,9 +581,9 @@ _dag_bag: Any = None
 
 def trigger_end_session(db: Any, request: Request, user: BaseUser, microscope: str,
                         name: str) -> Any:  # fmt: skip
-    """Create the ``end_session`` run with Airflow's own trigger route function (DAG lookup,
-    import-error and run-type checks, params validation, triggering user), plus the audit-log
-    entry its route decorator would write."""
+    """Create the ``end_session_<microscope>`` run with Airflow's own trigger route function (DAG
+    lookup, import-error and run-type checks, params validation, triggering user), plus the
+    audit-log entry its route decorator would write."""
     global _dag_bag
     from airflow.api_fastapi.core_api.datamodels.dag_run import TriggerDAGRunPostBody
     from airflow.api_fastapi.core_api.routes.public.dag_run import trigger_dag_run
@@ -584,9 +592,10 @@ def trigger_end_session(db: Any, request: Request, user: BaseUser, microscope: s
 
     if _dag_bag is None:
         _dag_bag = DBDagBag()
-    conf_ = {"microscope": microscope, "session_name": name}
+    conf_ = {"session_name": name}
+    dag_id = end_dag(microscope)
     run = trigger_dag_run(
-        dag_id=END_DAG,
+        dag_id=dag_id,
         body=TriggerDAGRunPostBody(
             logical_date=None, conf=conf_, note=f"From the session view by {user.get_name()}"
         ),
@@ -601,7 +610,7 @@ def trigger_end_session(db: Any, request: Request, user: BaseUser, microscope: s
             owner=user.get_name(),
             owner_display_name=user.get_name(),
             extra=json.dumps({"via": "cryoflow session view", "conf": conf_, "method": "POST"}),
-            dag_id=END_DAG,
+            dag_id=dag_id,
             run_id=run.run_id,
         )
     )
