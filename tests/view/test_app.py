@@ -236,6 +236,26 @@ def test_the_page_through_the_ui_cookie(client: Any, site: dict[str, Any]) -> No
     assert script.status_code == 200 and "fetch(" in script.text
 
 
+def test_each_movie_shows_its_curation_verdict(client: Any, site: dict[str, Any]) -> None:
+    ids = site["ids"]
+    site["ledger"].set_verdicts([(ids[-1], False, "fit 9.1 Å > 6 Å"), (ids[-2], True, None)])
+    html = client.get(f"{PREFIX}/sessions/krios1/s1", headers=bearer("viewer")).text
+
+    def row(file_id: int) -> str:
+        start = html.index(f"<tr data-file-id='{file_id}'>")
+        return html[start : html.index("</tr>", start)]
+
+    assert "<th class='l'>Verdict</th>" in html
+    assert "data-verdict='rejected'" in row(ids[-1]) and "fit 9.1 Å &gt; 6 Å" in row(ids[-1])
+    assert "data-verdict='accepted'" in row(ids[-2])
+    assert "pending" in row(ids[0]) and "data-verdict" not in row(ids[0])  # not decided yet
+    movies = client.get(f"{PREFIX}/api/sessions/krios1/s1/movies", headers=bearer("viewer"))
+    by_id = {m["file_id"]: m for m in movies.json()["movies"]}  # the JSON carries it too
+    assert by_id[ids[-1]]["accepted"] is False
+    assert by_id[ids[-1]]["reject_reason"] == "fit 9.1 Å > 6 Å"
+    assert by_id[ids[0]]["accepted"] is None
+
+
 def test_the_sessions_curation_alert_shows_on_its_page(client: Any, site: dict[str, Any]) -> None:
     message = "9 of the last 25 movies accepted (36%; alert below 50%)"
     site["ledger"].save_alerts(site["sid"], {

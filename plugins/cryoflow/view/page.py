@@ -368,17 +368,27 @@ def _movie_table(movies: list[dict[str, Any]], th: dict[str, float], older: str 
     rows = [
         "<table class='movies'><tr><th class='l'>Movie</th><th class='l'>Acquired</th>"
         "<th>Drift Å</th><th>Defocus µm</th><th>Astig. Å</th><th>Fit Å</th>"
-        "<th>Particles</th><th class='l'>Task logs</th></tr>"
+        "<th>Particles</th><th class='l'>Verdict</th><th class='l'>Task logs</th></tr>"
     ]
     for m in movies:
         v = _movie_values(m, th)
         version = f" (v{m['version']})" if m.get("version", 1) > 1 else ""
+        if m.get("accepted") is None:
+            verdict = "<td class='l muted'>pending</td>"
+        elif m["accepted"]:
+            verdict = "<td class='l' data-verdict='accepted'>accepted</td>"
+        else:
+            reason = escape(m.get("reject_reason") or "")
+            verdict = (
+                f"<td class='l bad' data-verdict='rejected' title='{reason}'>"
+                f"rejected: {reason}</td>"
+            )
         rows.append(
             f"<tr data-file-id='{m['file_id']}'><td class='l' title='{escape(m['relpath'])}'>"
             f"{escape(m['relpath'].rsplit('/', 1)[-1])}{version}</td>"
             f"<td class='l'>{_when(m['acquired_at'])}</td><td>{v['drift']}</td>"
             f"<td>{v['defocus']}</td><td>{v['astig']}</td><td>{v['fit']}</td>"
-            f"<td>{v['particles']}</td><td class='l'>{_log_links(m)}</td></tr>"
+            f"<td>{v['particles']}</td>{verdict}<td class='l'>{_log_links(m)}</td></tr>"
         )
     rows.append("</table>")
     if older:

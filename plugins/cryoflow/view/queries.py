@@ -600,7 +600,7 @@ class ViewQueries:
         step's state, job and scalar results."""
         query = select(
             FILES.id, FILES.relpath, FILES.version, FILES.mtime_ns, FILES.verified_at,
-            FILES.dest_path,
+            FILES.dest_path, FILES.accepted, FILES.reject_reason,
         ).where(
             FILES.session_id == session_id,
             FILES.kind == MOVIE_KIND,
@@ -654,6 +654,9 @@ class ViewQueries:
                 "version": f.version,
                 "acquired_at": datetime.fromtimestamp(f.mtime_ns / 1e9, UTC).isoformat(),
                 "verified_at": _iso(f.verified_at),
+                # curation's verdict (None: not decided yet, its steps are not all settled)
+                "accepted": f.accepted,
+                "reject_reason": f.reject_reason,
                 "stages": {st: by_file[f.id][st] for st in STAGES if st in by_file[f.id]},
             }
             for f in files
