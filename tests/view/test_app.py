@@ -9,10 +9,12 @@ authentication and authorisation.
 from __future__ import annotations
 
 import io
+import json
 import os
 import stat
 import sys
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -254,6 +256,53 @@ def test_each_movie_shows_its_curation_verdict(client: Any, site: dict[str, Any]
     assert by_id[ids[-1]]["accepted"] is False
     assert by_id[ids[-1]]["reject_reason"] == "fit 9.1 Å > 6 Å"
     assert by_id[ids[0]]["accepted"] is None
+
+
+def test_the_page_shows_what_went_to_tape_and_what_disk_is_safe_to_free(
+    client: Any, site: dict[str, Any]
+) -> None:
+    from sqlalchemy import text
+
+    from cryoflow.ledger import get_engine
+
+    ledger, sid = site["ledger"], site["sid"]
+    root = site["root"]
+    (root / "logs").mkdir(parents=True)
+    with get_engine(ledger.url).begin() as c:  # the session's folder is a real one here
+        c.execute(text("UPDATE cryoflow_sessions SET dest_root = :r WHERE id = :i"),
+                  {"r": str(root), "i": sid})  # fmt: skip
+    url = f"{PREFIX}/sessions/krios1/s1"
+    running = client.get(url, headers=bearer("viewer")).text
+    assert "Archive and disk" in running and "reported when the session closes" in running
+    files = [f for f in ledger.files(sid) if f.state == "verified"]
+    total = sum(f.size for f in files)
+    summary = {"archive": {
+        "tags": {"tagged": len(files) - 1, "untagged": 1, "partially_tagged": 0,
+                 "by_class": {"raw": len(files) - 1}, "not_tagged": ["x.xml"]},
+        "small_files_tar": None,
+        "hsm": {"mode": "premigrate", "ok": True, "files": {"resident": 0, "premigrated": 3,
+                "migrated": 2, "other": 0}, "missing": [], "skipped": [], "messages": [],
+                "unparsed": [], "commands": []},
+    }}  # fmt: skip
+    (root / "logs" / "session_summary.json").write_text(json.dumps(summary))
+    ledger.close_session(sid, "idle")
+    html = client.get(url, headers=bearer("viewer")).text
+    section = html[html.index("Archive and disk") :]
+    assert f"{len(files) - 1} files" in section and "1 not" in section  # one file lost its tags
+    assert "3 premigrated, 2 migrated" in section
+    # krios1's cleanup: files verified > 48 h ago may go; these were verified just now
+    assert "Safe to free now (verified more than 48 h ago, closed)</td><td class='l'>0 B" in (
+        section
+    )
+    body = client.get(f"{PREFIX}/api/sessions/krios1/s1", headers=bearer("viewer")).json()
+    assert body["archive"]["disk"] == {
+        "verified_bytes": total, "freed_bytes": 0, "safe_to_free_bytes": 0}  # fmt: skip
+    with get_engine(ledger.url).begin() as c:  # verified three days ago: now safe to free
+        c.execute(text("UPDATE cryoflow_files SET verified_at = :t WHERE session_id = :i"),
+                  {"t": datetime.now(UTC) - timedelta(days=3), "i": sid})  # fmt: skip
+    body = client.get(f"{PREFIX}/api/sessions/krios1/s1", headers=bearer("viewer")).json()
+    assert body["archive"]["disk"]["safe_to_free_bytes"] == total
+    assert body["archive"]["summary"]["hsm"]["files"]["migrated"] == 2
 
 
 def test_the_sessions_curation_alert_shows_on_its_page(client: Any, site: dict[str, Any]) -> None:

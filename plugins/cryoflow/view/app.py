@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pathlib
 import threading
 import time
 from dataclasses import dataclass
@@ -299,6 +300,27 @@ def _summary(view: View, session: dict[str, Any]) -> dict[str, Any]:
     return view.cache.get(key, make, forever=_final(session))
 
 
+def _archive(view: View, session: dict[str, Any]) -> dict[str, Any]:
+    """What went to the archive (the session summary's ``archive``: tags read back from the
+    files, the small-file tar, the HSM node's answer) and the microscope's disk it frees."""
+    scope = view.site.microscopes[session["microscope"]]
+    summary = pathlib.Path(session["dest_root"]) / "logs" / "session_summary.json"
+    try:
+        archived = json.loads(summary.read_text()).get("archive")
+    except (OSError, ValueError, AttributeError):
+        archived = None  # not written yet, or GPFS away from this API server
+    disk = view.queries.disk(
+        session["id"],
+        min_age_hours=scope.cleanup.min_age_hours,
+        closed=session["state"] == "closed",
+    )
+    return {
+        "summary": archived,
+        "disk": disk,
+        "cleanup": {"mode": scope.cleanup.mode, "min_age_hours": scope.cleanup.min_age_hours},
+    }
+
+
 def _thresholds(session: dict[str, Any]) -> tuple[dict[str, float], str]:
     given = isinstance((session["params"] or {}).get("thresholds"), dict)
     return thresholds_for(session["params"]), "session" if given else "facility defaults"
@@ -446,6 +468,7 @@ def session_page(
         links=links,
         can_end=session["state"] != "closed"
         and may(user, "POST", end_dag(session["microscope"]), DagAccessEntity.RUN),
+        archive=_archive(view, session),
         generated=datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC"),
     )
     return HTMLResponse(body)
@@ -482,6 +505,7 @@ def api_session(user: GetUserDep, session: SessionOf, view: ViewDep) -> JSONResp
         **_summary(view, session),
         "thresholds": thresholds,
         "thresholds_from": source,
+        "archive": _archive(view, session),
         "can_end": session["state"] != "closed"
         and may(user, "POST", end_dag(session["microscope"]), DagAccessEntity.RUN),
     })  # fmt: skip

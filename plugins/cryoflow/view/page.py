@@ -396,6 +396,53 @@ def _movie_table(movies: list[dict[str, Any]], th: dict[str, float], older: str 
     return "".join(rows)
 
 
+def _bytes(n: int) -> str:
+    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} B"
+
+
+def _archive_section(archive: dict[str, Any]) -> str:
+    """Tape and the microscope's disk: what is tagged for HSM, the small-file tar, what the HSM
+    node reports, and how much of the share this session can free."""
+    disk, cleanup, done = archive["disk"], archive["cleanup"], archive.get("summary") or {}
+    rows = []
+    tags = done.get("tags")
+    if tags:
+        untagged = tags["untagged"] + tags["partially_tagged"]
+        rows.append(("Tagged for HSM (read back from the files)",
+                     f"{tags['tagged']} files" + (f", <span class='bad'>{untagged} not</span>"
+                                                  if untagged else "")))  # fmt: skip
+    tar = done.get("small_files_tar")
+    if tar:
+        rows.append(("Small files in one tar", f"{tar['members']} files, {_bytes(tar['bytes'])}"
+                     + ("" if tar["tagged"] else " <span class='bad'>(not tagged)</span>")))
+    hsm = done.get("hsm")
+    if hsm:
+        if hsm.get("error"):
+            state = f"<span class='bad'>failed: {escape(hsm['error'])}</span>"
+        else:
+            counts = ", ".join(f"{n} {escape(k)}" for k, n in hsm["files"].items() if n)
+            state = (counts or "no files") + (
+                "" if hsm["ok"] else " <span class='warn'>(incomplete: see hsm_report.json)</span>"
+            )
+        rows.append((f"HSM node ({escape(hsm['mode'])}, dsmls)", state))
+    if not rows:
+        rows.append(("Archive", "<span class='muted'>reported when the session closes</span>"))
+    rows += [
+        ("Verified on GPFS", _bytes(disk["verified_bytes"])),
+        ("Freed from the microscope's disk", _bytes(disk["freed_bytes"])),
+        (f"Safe to free now (verified more than {cleanup['min_age_hours']:g} h ago, closed)",
+         _bytes(disk["safe_to_free_bytes"])),  # fmt: skip
+        ("Share cleanup", escape(str(cleanup["mode"]))),
+    ]
+    cells = "".join(
+        f"<tr><td class='l'>{label}</td><td class='l'>{value}</td></tr>" for label, value in rows
+    )
+    return f"<h2>Archive and disk</h2><table class='archive'>{cells}</table>"
+
+
 def session_page(
     *,
     session: dict[str, Any],
@@ -410,6 +457,7 @@ def session_page(
     links: Links,
     can_end: bool,
     generated: str,
+    archive: dict[str, Any] | None = None,
 ) -> str:
     scope, name = session["microscope"], session["name"]
     counts, rates = summary["counts"], summary["rates"]
@@ -438,11 +486,14 @@ def session_page(
                 '<span id="end-result" aria-live="polite"></span></p>'
             )
         else:
-            end = '<p class="muted">Ending a session needs the right to trigger end_session.</p>'
+            end = (
+                '<p class="muted">Ending a session needs the right to trigger '
+                f"end_session_{escape(scope)}.</p>"
+            )
     airflow = " · ".join([
         _ext(links.dag(f"session_{scope}"), f"session_{scope} runs"),
         _ext(links.dag(f"process_{scope}"), f"process_{scope} runs"),
-        _ext(links.dag("end_session"), "end_session runs"),
+        _ext(links.dag(f"end_session_{scope}"), f"end_session_{scope} runs"),
     ])  # fmt: skip
     figures = []
     for key in ("total_drift", "defocus", "astigmatism", "fit_resolution", "particles"):
@@ -478,6 +529,7 @@ def session_page(
         _tiles(scope, name, latest, links, thresholds),
         "<h2>Movies, newest first</h2>",
         _movie_table(movies, thresholds, older),
+        _archive_section(archive) if archive is not None else "",
         f'<p class="muted">Generated {escape(generated)}'
         f"{' · refreshes every minute' if running else ''}.</p>",
     ]

@@ -21,7 +21,15 @@ from sqlalchemy import and_, case, create_engine, event, func, select
 from sqlalchemy.engine import Connection, Engine
 
 from cryoflow.config import CurationThresholds
-from cryoflow.ledger import FileRow, FileState, SessionRow, StageRow, StageState, get_engine
+from cryoflow.ledger import (
+    CleanupRow,
+    FileRow,
+    FileState,
+    SessionRow,
+    StageRow,
+    StageState,
+    get_engine,
+)
 from cryoflow.steps import MOVIE_KIND, STAGES
 
 FILES = FileRow.__table__.c
@@ -508,6 +516,37 @@ class ViewQueries:
     def rates(self, session_id: int, *, end: datetime, **kw: Any) -> dict[str, Any]:
         """The rates of :meth:`summary`."""
         return self.summary(session_id, end=end, **kw)["rates"]
+
+    def disk(self, session_id: int, *, min_age_hours: float, closed: bool) -> dict[str, int]:
+        """The microscope's disk as far as this session goes, in bytes: what is verified on
+        GPFS, what share cleanup already freed (deleted, or found gone), and what is safe to
+        free now by the cleanup's own first rules (verified, longer ago than ``min_age_hours``,
+        the session closed, not freed yet). Cleanup re-checks each copy before it deletes."""
+        cut = datetime.now(UTC) - timedelta(hours=min_age_hours)
+        verified = and_(FILES.session_id == session_id, FILES.state == FileState.VERIFIED)
+        cl = CleanupRow.__table__.c
+        freed_ids = (
+            select(cl.file_id)
+            .where(cl.session_id == session_id, cl.action.in_(("deleted", "gone")))
+            .scalar_subquery()
+        )
+        with self.engine.connect() as c:
+            total = c.scalar(select(func.coalesce(func.sum(FILES.size), 0)).where(verified))
+            freed = c.scalar(
+                select(func.coalesce(func.sum(FILES.size), 0)).where(
+                    verified, FILES.id.in_(freed_ids)
+                )
+            )
+            safe = 0
+            if closed:
+                safe = c.scalar(
+                    select(func.coalesce(func.sum(FILES.size), 0)).where(
+                        verified, FILES.verified_at < cut.astimezone(UTC),
+                        FILES.id.not_in(freed_ids),
+                    )
+                )  # fmt: skip
+        return {"verified_bytes": int(total or 0), "freed_bytes": int(freed or 0),
+                "safe_to_free_bytes": int(safe or 0)}  # fmt: skip
 
     def _archived(self, c: Connection, session_id: int) -> int | None:
         """Movies the ledger records as archived, once it records that (an ``archived_at``
