@@ -8,6 +8,8 @@
 # (`scripts/services.sh chromium`: headless Chromium + chromedriver for the UI test; not in `up`)
 # (`scripts/services.sh ldap`: an OpenLDAP directory standing in for the facility's Active
 #  Directory, for the sign-in tests; not in `up`. `down` stops it too.)
+# (`scripts/services.sh samba`: smbd on 127.0.0.1:4445 standing in for a microscope PC's share,
+#  for the direct-SMB tests; also part of `up`. `samba-down` stops it, as `down` does.)
 # Runs as root on a Debian 12 machine without systemd (PID 1 is not an init: exited daemons
 # linger as zombies, so every health check asks the service itself, never pgrep).
 #
@@ -22,6 +24,11 @@
 #     bind_password               the Airflow bind account's password (CRYOFLOW_LDAP_BIND_PASSWORD_FILE)
 #     users.json                  the test users: uid -> {dn, password, groups}
 #     rootpw                      the directory manager's password (loads entries; never Airflow's)
+#   samba/                        `samba` (also in `up`; root-only, 0700): smb.conf, private/ (tdbsam),
+#     password                    the test user's SMB password (CRYOFLOW_SMB_PASSWORD_FILE)
+#     env                         exports CRYOFLOW_SMB_* for the SMB share tests
+#   (the shared folder, //127.0.0.1:4445/microscope, is /srv/cryoflow-smb/microscope: the test
+#    user's, outside this root-only dir)
 set -euo pipefail
 
 STATE_DIR="${CRYOFLOW_SERVICES_DIR:-/var/lib/cryoflow-services}"
@@ -50,6 +57,13 @@ LDAP_BIND_DN="uid=svc-airflow,ou=service,$LDAP_BASE"
 # uid:groups (comma separated; none: a person in the directory who is in no cryoflow group)
 LDAP_USERS=(op-krios1:cryo-operators-krios1 op-krios2:cryo-operators-krios2
     researcher:cryo-researchers cryo-admin:cryo-admins visitor:)
+# Samba (`samba`): smbd only, loopback only, a non-standard port; stands in for a microscope PC.
+SMB_PORT="${CRYOFLOW_SMB_PORT:-4445}"
+SMB_SHARE="${CRYOFLOW_SMB_SHARE:-microscope}"
+SMB_USER="${CRYOFLOW_SMB_USER:-cryosmb}"
+SMB_DIR="$STATE_DIR/samba"
+# The shared folder lives outside the root-only state dir: smbd opens files as the test user.
+SMB_SHARE_DIR="${CRYOFLOW_SMB_SHARE_DIR:-/srv/cryoflow-smb/$SMB_SHARE}"
 
 log() { printf '[services] %s\n' "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
@@ -611,6 +625,133 @@ ldap_up() {  # idempotent: a healthy directory is left alone; anything else is r
 
 ldap_down() { [[ -d $LDAP_DIR ]] && slapd_stop; return 0; }
 
+# --- Samba: a microscope PC's SMB share for the direct-SMB tests (part of `up`) ---------------
+# Debian's smbd alone (no nmbd, no winbind), on 127.0.0.1:$SMB_PORT only, its config, tdbsam
+# passdb, locks, state and logs under $SMB_DIR, the shared folder in $SMB_SHARE_DIR (smbd opens
+# files as the user, who cannot enter the root-only state dir). One test user, a system
+# account without a login, whose SMB password is random per state dir, kept in a root-only file
+# and handed to smbpasswd on stdin, never on a command line.
+
+samba_packages() {
+    [[ -x /usr/sbin/smbd && -x /usr/bin/smbpasswd && -x /usr/bin/pdbedit ]] && return 0
+    log "installing samba"
+    export DEBIAN_FRONTEND=noninteractive
+    local apt=(apt-get -o DPkg::Lock::Timeout=300 -y -q --no-install-recommends)
+    if ! "${apt[@]}" install samba >/dev/null 2>&1; then
+        apt-get -o DPkg::Lock::Timeout=300 -q update >/dev/null
+        "${apt[@]}" install samba >/dev/null || die "apt-get install samba failed"
+    fi
+}
+
+write_smb_conf() {
+    local tmp
+    install -d -m 0700 "$SMB_DIR" "$SMB_DIR/private" "$SMB_DIR/lock" "$SMB_DIR/state" \
+        "$SMB_DIR/cache" "$SMB_DIR/run" "$SMB_DIR/log"
+    id "$SMB_USER" >/dev/null 2>&1 \
+        || useradd --system --no-create-home --shell /usr/sbin/nologin -p '*' "$SMB_USER"
+    # the parent only if missing: never change the mode of an existing folder such as /srv
+    [[ -d $(dirname "$SMB_SHARE_DIR") ]] || install -d -m 0755 "$(dirname "$SMB_SHARE_DIR")"
+    install -d -o "$SMB_USER" -g "$SMB_USER" -m 0755 "$SMB_SHARE_DIR"
+    tmp=$(mktemp "$SMB_DIR/.smb.conf.XXXXXX")
+    cat >"$tmp" <<CONF
+# Written by cryoflow scripts/services.sh: the SMB share tests' server. Do not edit by hand.
+[global]
+    server role = standalone server
+    smb ports = $SMB_PORT
+    interfaces = lo
+    bind interfaces only = yes
+    disable netbios = yes
+    server min protocol = SMB2_10
+    passdb backend = tdbsam:$SMB_DIR/private/passdb.tdb
+    private dir = $SMB_DIR/private
+    lock directory = $SMB_DIR/lock
+    state directory = $SMB_DIR/state
+    cache directory = $SMB_DIR/cache
+    pid directory = $SMB_DIR/run
+    ncalrpc dir = $SMB_DIR/run/ncalrpc
+    log file = $SMB_DIR/log/smbd.log
+    max log size = 1000
+    log level = 1
+    # Like a microscope PC: a named user with a password, nothing for guests.
+    map to guest = never
+    restrict anonymous = 2
+    load printers = no
+    printing = bsd
+    printcap name = /dev/null
+    disable spoolss = yes
+
+[$SMB_SHARE]
+    path = $SMB_SHARE_DIR
+    read only = no
+    valid users = $SMB_USER
+    create mask = 0644
+    directory mask = 0755
+CONF
+    chmod 0600 "$tmp" && mv -f "$tmp" "$SMB_DIR/smb.conf"
+    testparm -s "$SMB_DIR/smb.conf" >/dev/null 2>&1 \
+        || die "testparm rejects $SMB_DIR/smb.conf: $(testparm -s "$SMB_DIR/smb.conf" 2>&1 | tail -3)"
+}
+
+samba_user() {  # the test user's tdbsam entry, with the password of this state dir
+    secret_file "$SMB_DIR/password" >/dev/null
+    local pw; pw=$(tr -d '\n' <"$SMB_DIR/password")
+    # -s: the password twice on stdin (never on a command line); -a adds or resets the entry.
+    printf '%s\n%s\n' "$pw" "$pw" | smbpasswd -c "$SMB_DIR/smb.conf" -s -a "$SMB_USER" >/dev/null 2>&1 \
+        || die "smbpasswd -a $SMB_USER failed"
+}
+
+samba_running_ours() {
+    local pid
+    [[ -s $SMB_DIR/run/smbd.pid ]] || return 1
+    pid=$(tr -dc '0-9' <"$SMB_DIR/run/smbd.pid")
+    [[ -n $pid ]] && pid_alive "$pid" && [[ $(readlink -f "/proc/$pid/exe" 2>/dev/null) == *smbd* ]]
+}
+
+samba_ok() {  # smbd answers on its port and knows the test user
+    port_open "$SMB_PORT" && samba_running_ours \
+        && pdbedit -s "$SMB_DIR/smb.conf" -L 2>/dev/null | grep -q "^$SMB_USER:"
+}
+
+write_samba_env() {
+    local tmp
+    tmp=$(mktemp "$SMB_DIR/.env.XXXXXX")
+    {
+        printf 'export CRYOFLOW_SMB_HOST=127.0.0.1\n'
+        printf 'export CRYOFLOW_SMB_PORT=%q\n' "$SMB_PORT"
+        printf 'export CRYOFLOW_SMB_SHARE=%q\n' "$SMB_SHARE"
+        printf 'export CRYOFLOW_SMB_USER=%q\n' "$SMB_USER"
+        printf 'export CRYOFLOW_SMB_PASSWORD_FILE=%q\n' "$SMB_DIR/password"
+        printf 'export CRYOFLOW_SMB_SHARE_PATH=%q\n' "$SMB_SHARE_DIR"
+        printf 'export CRYOFLOW_SMB_LOG=%q\n' "$SMB_DIR/log/smbd.log"
+    } >"$tmp" && chmod 0600 "$tmp" && mv -f "$tmp" "$SMB_DIR/env"
+}
+
+samba_up() {  # idempotent: a healthy smbd of this state dir is left alone
+    [[ $EUID -eq 0 ]] || die "run as root (installs and starts smbd)"
+    install -d -m 0700 "$STATE_DIR"
+    samba_packages
+    write_smb_conf
+    samba_user
+    write_samba_env
+    if samba_ok; then
+        log "samba: up at //127.0.0.1:$SMB_PORT/$SMB_SHARE (user $SMB_USER); exports in $SMB_DIR/env"
+        return 0
+    fi
+    port_open "$SMB_PORT" && ! samba_running_ours \
+        && die "port $SMB_PORT is taken by something else than this state dir's smbd"
+    samba_down
+    log "starting smbd on 127.0.0.1:$SMB_PORT"
+    # --foreground under setsid: no init here to reap a daemonised smbd; its log goes to log/.
+    setsid /usr/sbin/smbd --foreground --no-process-group -s "$SMB_DIR/smb.conf" \
+        >>"$SMB_DIR/log/smbd.stdout" 2>&1 </dev/null &
+    disown || true
+    wait_until "$WAIT_S" "smbd on :$SMB_PORT" samba_ok \
+        || die "smbd did not start (see $SMB_DIR/log/smbd.log: $(tail -3 "$SMB_DIR/log/smbd.log" 2>/dev/null))"
+    log "samba: up at //127.0.0.1:$SMB_PORT/$SMB_SHARE (user $SMB_USER); exports in $SMB_DIR/env"
+}
+
+samba_down() { [[ -d $SMB_DIR ]] && stop_pidfile "$SMB_DIR/run/smbd.pid" smbd; return 0; }
+
 # --- headless Chromium for the UI tests (not part of `up`) -----------------------------------
 
 chromium_ok() { chromium --version >/dev/null 2>&1 && chromedriver --version >/dev/null 2>&1; }
@@ -643,12 +784,14 @@ cmd_up() {
     munge_up
     slurm_up
     sshd_up
-    log "up: Slurm ($CLUSTER_NAME: partitions cpu, gpu) and sshd 127.0.0.1:$SSH_PORT; state in $STATE_DIR"
+    samba_up
+    log "up: Slurm ($CLUSTER_NAME: partitions cpu, gpu), sshd 127.0.0.1:$SSH_PORT and smbd 127.0.0.1:$SMB_PORT; state in $STATE_DIR"
 }
 
 cmd_down() {
     [[ $EUID -eq 0 ]] || die "run as root"
     ldap_down
+    samba_down
     sshd_down
     slurm_down
     munge_down
@@ -660,7 +803,7 @@ cmd_status() {
     local rc=0 name check checks
     checks=("mariadb:mariadb_root -e 'SELECT 1'" "munge:munge_ok" "slurmdbd:port_open 6819"
         "slurmctld:slurmctld_ok" "slurmd:node_ready" "sacct:sacct_ok"
-        "sshd:port_open $SSH_PORT" "ssh-login:ssh_login_ok")
+        "sshd:port_open $SSH_PORT" "ssh-login:ssh_login_ok" "samba:samba_ok")
     # the directory only where `ldap` set it up in this state dir
     [[ -s $LDAP_DIR/slapd.conf ]] && checks+=("ldap:ldap_ok")
     for pair in "${checks[@]}"; do
@@ -680,5 +823,7 @@ case "${1:-}" in
     status) cmd_status ;;
     chromium) chromium_up ;;
     ldap) ldap_up ;;
-    *) echo "usage: $0 up|down|status|chromium|ldap   (state dir: \$CRYOFLOW_SERVICES_DIR, default /var/lib/cryoflow-services)" >&2; exit 2 ;;
+    samba) samba_up ;;
+    samba-down) samba_down ;;
+    *) echo "usage: $0 up|down|status|chromium|ldap|samba|samba-down   (state dir: \$CRYOFLOW_SERVICES_DIR, default /var/lib/cryoflow-services)" >&2; exit 2 ;;
 esac

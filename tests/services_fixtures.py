@@ -102,3 +102,52 @@ def remote_job_root(slurm_services: SlurmServices) -> Iterator[str]:
     yield path
     if path.startswith(slurm_services.remote_workdir + "/tests/"):
         shutil.rmtree(path, ignore_errors=True)
+
+
+# --- Samba: a microscope PC's SMB share (scripts/services.sh samba) ---------------------------
+
+
+@dataclass(frozen=True)
+class SambaService:
+    """smbd on loopback serving ``share`` from ``share_path``; ``stop``/``start`` take it away
+    and bring it back (what a microscope PC that reboots or drops off the network does)."""
+
+    host: str
+    port: int
+    share: str
+    user: str
+    password: str
+    share_path: Path  # the folder behind the share, written locally as the microscope would
+    log: Path
+
+    def stop(self) -> None:
+        subprocess.run([str(SERVICES_SH), "samba-down"], capture_output=True, check=True)
+
+    def start(self) -> None:
+        subprocess.run([str(SERVICES_SH), "samba"], capture_output=True, check=True, timeout=120)
+
+
+@pytest.fixture(scope="session")
+def samba_service() -> SambaService:
+    """Run `scripts/services.sh samba` (idempotent; also part of `up`) and read its exports."""
+    if os.geteuid() != 0:
+        _unavailable("scripts/services.sh samba must run as root (it installs and starts smbd)")
+    state_dir = Path(os.environ.get("CRYOFLOW_SERVICES_DIR", "/var/lib/cryoflow-services"))
+    try:
+        done = subprocess.run(
+            [str(SERVICES_SH), "samba"], capture_output=True, text=True, timeout=300, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        _unavailable(f"scripts/services.sh samba: {exc}")
+    if done.returncode != 0:
+        _unavailable(f"scripts/services.sh samba exited {done.returncode}: {done.stderr[-2000:]}")
+    env = _read_env(state_dir / "samba" / "env")
+    return SambaService(
+        host=env["CRYOFLOW_SMB_HOST"],
+        port=int(env["CRYOFLOW_SMB_PORT"]),
+        share=env["CRYOFLOW_SMB_SHARE"],
+        user=env["CRYOFLOW_SMB_USER"],
+        password=Path(env["CRYOFLOW_SMB_PASSWORD_FILE"]).read_text().strip(),
+        share_path=Path(env["CRYOFLOW_SMB_SHARE_PATH"]),
+        log=Path(env["CRYOFLOW_SMB_LOG"]),
+    )

@@ -13,6 +13,8 @@ from cryoflow.transfer import (
     SourceChangedError,
     copy_verified,
     partial_path,
+    read_back_from_storage,
+    sync_filesystem,
 )
 
 
@@ -120,3 +122,33 @@ def test_new_folders_get_the_session_mode_whatever_the_umask(tmp_path: Path) -> 
         os.umask(old)
     for d in (dst.parent, dst.parent.parent, dst.parent.parent.parent):
         assert d.stat().st_mode & 0o7777 == 0o2770, d
+
+
+def _sectors_read(path: Path) -> int | None:
+    """Sectors read so far from the block device holding ``path`` (None: not a block device,
+    e.g. tmpfs or overlay)."""
+    dev = os.stat(path).st_dev
+    stat = Path(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}/stat")
+    try:
+        return int(stat.read_text().split()[2])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def test_the_small_files_read_back_comes_from_the_storage(tmp_path: Path) -> None:
+    """After the batch's one flush, read_back_from_storage drops the small files' pages and has
+    them read again: the verification that follows reads what the disk holds, not the cache."""
+    if _sectors_read(tmp_path) is None:
+        pytest.skip(f"{tmp_path} is not on a block device: no read counters")
+    files = []
+    for i in range(64):
+        path = tmp_path / f"f{i}.xml"
+        path.write_bytes(os.urandom(128 << 10))  # 8 MiB in all, in the page cache, dirty
+        files.append(path)
+    sync_filesystem(tmp_path)  # clean now, still cached
+    before = _sectors_read(tmp_path)
+    assert read_back_from_storage(files) == set(files)
+    for path in files:  # what the verification then reads
+        path.read_bytes()
+    read = (_sectors_read(tmp_path) - before) * 512
+    assert read >= 8 << 20, f"only {read} bytes read from the disk for 8 MiB of files"

@@ -208,14 +208,37 @@ class FacilityConfig(_Model):
 
 
 class ShareConfig(_Model):
-    kind: Literal["cifs"] = Field(
-        "cifs", description="'cifs': a mounted share read as a local path (SMB direct comes later)."
+    kind: Literal["cifs", "smb"] = Field(
+        "cifs",
+        description="'cifs': a mounted share read as a local path; 'smb': the microscope PC "
+        "spoken to directly over SMB 2/3 (server, share_name, conn_id).",
     )
-    path: Path
+    path: Path = Field(
+        description="cifs: the mounted folder; smb: the folder within the share ('.' = its top)."
+    )
     exclude: list[str] = Field(default_factory=list, description="Extra glob patterns to ignore.")
     settle_seconds: float | None = Field(
         None, gt=0, description="Overrides transfer.settle_seconds."
     )
+    server: str | None = Field(None, description="smb: host name or address of the PC.")
+    port: int = Field(445, ge=1, le=65535, description="smb: TCP port.")
+    share_name: str | None = Field(None, description="smb: the share's name on the PC.")
+    conn_id: str | None = Field(
+        None, description="smb: Airflow Connection holding login and password (never the YAML)."
+    )
+
+    @model_validator(mode="after")
+    def _smb_fields(self) -> ShareConfig:
+        smb = {"server": self.server, "share_name": self.share_name, "conn_id": self.conn_id}
+        if self.kind == "smb":
+            missing = [k for k, v in smb.items() if not v]
+            if missing:
+                raise ValueError(f"kind smb needs {', '.join(missing)}")
+            if self.path.is_absolute() or ".." in self.path.parts:
+                raise ValueError(f"path: {self.path} must be a folder within the share")
+        elif given := [k for k, v in smb.items() if v]:
+            raise ValueError(f"{', '.join(given)}: only for kind smb")
+        return self
 
 
 class DetectorConfig(_Model):

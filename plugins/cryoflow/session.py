@@ -26,7 +26,8 @@ from cryoflow.ledger import CopyClaim, CopyStart, FileState, Ledger, Verified
 from cryoflow.names import from_text, shown, to_text
 from cryoflow.session_tree import SessionPaths, create_session_tree, resolve_gid
 from cryoflow.share.layout import classify
-from cryoflow.share.scan import UnsafePathError, resolve_in, safe_relpath
+from cryoflow.share.scan import PathResolver, UnsafePathError, safe_relpath
+from cryoflow.share.source import SourceFile, is_smb_root, session_root, source_for
 from cryoflow.steps import Switches, first_steps
 from cryoflow.transfer import (
     CHECKSUM_ALGORITHM,
@@ -36,6 +37,7 @@ from cryoflow.transfer import (
     TransferError,
     commit_copy,
     fsync_dir,
+    read_back_from_storage,
     stage_copy,
     sync_filesystem,
 )
@@ -253,7 +255,7 @@ def open_session(
         raise SessionClosedError(
             f"session {params.session_name} was closed ({existing.close_reason})"
         )
-    source_root = resolve_in(scope.share.path, params.folder)
+    source_root = session_root(scope.share, params.folder)  # a mounted path or smb://...
     paths = SessionPaths.for_session(facility.storage.gpfs_root, now.year, params.session_name)
     session_id = ledger.open_session(
         scope.id,
@@ -385,10 +387,17 @@ def transfer_batch(
     report = BatchReport(copied=[], skipped=[], failed=[], retry_later=[])
     ledger = Ledger(facility.storage.ledger_url)
     jobs: list[_CopyJob] = []
+    # Over SMB one source (one connection) serves the batch's copy threads.
+    smb = None
+    if is_smb_root(handle.source_root):
+        smb = source_for(handle.source_root, scope.share.conn_id)
+    resolve = PathResolver(Path(handle.source_root)) if smb is None else None
     for item in files:
         rel = from_text(item["relpath"])
         try:
-            src = resolve_in(Path(handle.source_root), rel)
+            src = (
+                resolve(rel) if resolve is not None else SourceFile(smb, safe_relpath(rel))
+            )
             dst = Path(handle.dest_root) / "raw" / safe_relpath(rel)
         except UnsafePathError as exc:
             report.failed.append({"relpath": rel, "error": shown(exc)})
@@ -443,10 +452,16 @@ def transfer_batch(
         drain({pool.submit(_stage_one, facility, handle, j, c, switches) for j, c in small})
         if staged:
             sync_filesystem(Path(handle.dest_root))
-            drain({pool.submit(_finish_one, facility, handle, *s, switches) for s in staged})
+            evicted = read_back_from_storage(s[2].tmp for s in staged)
+            drain({
+                pool.submit(_finish_one, facility, handle, *s, switches, s[2].tmp in evicted)
+                for s in staged
+            })  # fmt: skip
         record()
         drain({pool.submit(_stage_one, facility, handle, j, c, switches) for j, c in large})
     record()
+    if smb is not None:
+        smb.close()  # its connection (and receiver thread) would outlive the batch otherwise
     return report
 
 
@@ -457,7 +472,7 @@ RECORD_SECONDS = 0.5
 @dataclass(frozen=True)
 class _CopyJob:
     start: CopyStart
-    src: Path
+    src: Path | SourceFile
     dst: Path
 
 
@@ -507,11 +522,12 @@ def _finish_one(
     staged: Staged,
     started: float,
     switches: Switches,
+    evicted: bool = False,
 ) -> tuple[str, Any, Verified | None]:
     """Read the staged copy back and name it: the first free version of its name."""
     names = (versioned(job.dst, v) for v in range(claim.version, claim.version + 1000))
     try:
-        result, target = commit_copy(staged, names)
+        result, target = commit_copy(staged, names, evicted=evicted)
     except TransferError as exc:
         return _failed(facility, claim, job.start.relpath, exc)
     return _verified(facility, handle, job, claim, result, target, started, switches)
@@ -615,16 +631,67 @@ def close_session(
             )
         except (OSError, AggregateError) as exc:  # the files themselves are safe on disk
             log.error("Small-file tar of %s not written: %s", handle.dest_root, shown(exc))
+    if archive.hsm_mode != "off":
+        _hsm_step(facility, ledger, handle)
     return write_summary(facility, handle.session_id, max_attempts=max_attempts)
+
+
+HSM_REPORT = "hsm_report.json"  # in <session>/logs/: what the HSM node said, for the summary
+
+
+def _hsm_step(facility: FacilityConfig, ledger: Ledger, handle: SessionHandle) -> None:
+    """(Pre)migrate the session's verified raw files (and its small-file tar) on the HSM node
+    and record what ``dsmls`` says of each. The session is closed whatever the node answers:
+    a failure is recorded and logged, and the GPFS policy still migrates the tagged files."""
+    from cryoflow.archive.hsm import run_hsm_step
+    from cryoflow.hooks.hsm import HsmNodeHook
+
+    archive = facility.archive
+    paths = [
+        Path(f.dest_path)
+        for f in ledger.files(handle.session_id, FileState.VERIFIED)
+        if f.dest_path
+    ]
+    tar_dir = Path(handle.dest_root) / "archive"
+    if tar_dir.is_dir():
+        paths += sorted(p for p in tar_dir.iterdir() if p.suffix == ".tar")
+    started = datetime.now(UTC)
+    try:
+        with HsmNodeHook(archive.hsm_ssh_conn_id or "") as node:
+            report: dict[str, Any] = run_hsm_step(paths, archive, node.run).as_dict()
+    except Exception as exc:  # noqa: BLE001 - SSH, the node, a command: the close goes on
+        report = {"mode": archive.hsm_mode, "ok": False, "error": shown(exc)}
+        log.error("HSM step (%s via %s) failed: %s", archive.hsm_mode,
+                  archive.hsm_ssh_conn_id, shown(exc))  # fmt: skip
+    else:
+        files = report["files"]
+        log.info("HSM step (%s): %s", archive.hsm_mode,
+                 ", ".join(f"{n} {state}" for state, n in files.items() if n))  # fmt: skip
+        if not report["ok"]:
+            log.warning("HSM step incomplete: %d missing, %d skipped, %d failed commands",
+                        len(report["missing"]), len(report["skipped"]),
+                        sum(c["exit_status"] != 0 for c in report["commands"]))  # fmt: skip
+    report["started_at"] = started.isoformat()
+    report["finished_at"] = datetime.now(UTC).isoformat()
+    target = Path(handle.dest_root) / "logs" / HSM_REPORT
+    tmp = target.with_name(f".{target.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, facility.permissions.file_mode)
+    with os.fdopen(fd, "w") as fh:
+        json.dump(report, fh, indent=2)
+    os.chmod(tmp, facility.permissions.file_mode)
+    os.replace(tmp, target)
 
 
 def _archive_summary(facility: FacilityConfig, ledger: Ledger, row: Any) -> dict[str, Any]:
     """Read from the files themselves: what carries the tags the HSM policy migrates on."""
     prefix = facility.archive.xattr_prefix
     copies = [Path(f.dest_path) for f in ledger.files(row.id, FileState.VERIFIED) if f.dest_path]
+    hsm = Path(row.dest_root) / "logs" / HSM_REPORT
     return {
         "tags": tag_summary(copies, prefix).as_dict() if facility.archive.tagging else None,
         "small_files_tar": aggregate_status(Path(row.dest_root), prefix),
+        # the HSM node's answer when the session closed (None: the step is off or not run yet)
+        "hsm": json.loads(hsm.read_text()) if hsm.is_file() else None,
     }
 
 

@@ -4,7 +4,8 @@ Stream-copy with the checksum computed in the same pass, write to a hidden tempo
 destination folder, fsync, give it the experiment's mode and group, preserve mtime, read it back
 and compare size and checksum, and only then rename it atomically to its final name and fsync the
 folder. The
-source is only ever opened for reading.
+source is only ever opened for reading: a local path, or a :class:`SourceFile` of a share read
+over SMB (opened denying writers; a writer that holds it makes the copy "changed, retry").
 """
 
 from __future__ import annotations
@@ -16,10 +17,12 @@ import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import xxhash
 
 from cryoflow.dirs import make_dirs
+from cryoflow.share.source import HeldForWriting, SourceFile
 
 CHECKSUM_ALGORITHM = "xxh3_128"
 PARTIAL_SUFFIX = ".cryoflow-partial"
@@ -50,7 +53,7 @@ class TransferError(RuntimeError):
         return self.errno in TRANSIENT_ERRNOS
 
     @classmethod
-    def of(cls, exc: OSError, src: Path, dst: Path, doing: str) -> TransferError:
+    def of(cls, exc: OSError, src: Path | SourceFile, dst: Path, doing: str) -> TransferError:
         code = errno.errorcode.get(exc.errno or 0, str(exc.errno))
         why = exc.strerror or str(exc)
         return cls(f"{doing} {src} -> {dst}: {why} [{code}]", exc.errno)
@@ -95,6 +98,28 @@ def file_checksum(path: Path, chunk_bytes: int = 8 << 20, drop_cache: bool = Fal
     return hasher.hexdigest()
 
 
+def _open_source(src: Path | SourceFile) -> Any:
+    """The source for reading, unbuffered (``readinto`` straight into the copy buffer)."""
+    if isinstance(src, SourceFile):
+        try:
+            return src.open()
+        except HeldForWriting as exc:
+            raise SourceChangedError(f"{exc}; will retry") from None
+    return open(src, "rb", buffering=0)  # noqa: SIM115
+
+
+def _source_checksum(src: Path | SourceFile, chunk_bytes: int = 8 << 20) -> str:
+    if not isinstance(src, SourceFile):
+        return file_checksum(src)
+    hasher = xxhash.xxh3_128()
+    with _open_source(src) as fh:
+        buf = bytearray(chunk_bytes)
+        view = memoryview(buf)
+        while n := fh.readinto(buf):
+            hasher.update(view[:n])
+    return hasher.hexdigest()
+
+
 def _buffer(size: int, chunk_bytes: int) -> bytearray:
     """A read buffer no bigger than the file needs: zeroing 8 MiB for each 20 kB XML would
     cost more than copying it."""
@@ -119,6 +144,29 @@ except (OSError, AttributeError):
     _LIBC = None
 
 
+def read_back_from_storage(paths: Iterable[Path]) -> set[Path]:
+    """For files just flushed (their pages clean): drop them from the page cache and ask the
+    kernel to read them again from the storage, all at once. The read-back verification of many
+    small files then finds them already read from the storage (many reads in flight) instead
+    of waiting for one small read after another; what it reads is what the storage holds.
+    Returns the paths this was done for (for the others the verification drops the cache)."""
+    done: set[Path] = set()
+    for path in paths:
+        try:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except OSError:
+            continue  # the verification that follows reports it
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+            done.add(path)
+        except (OSError, AttributeError):
+            pass
+        finally:
+            os.close(fd)
+    return done
+
+
 def fsync_dir(directory: Path) -> None:
     """Make the renames in ``directory`` durable."""
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
@@ -132,7 +180,7 @@ def fsync_dir(directory: Path) -> None:
 class Staged:
     """A source copied to its hidden temporary name, checksummed, not yet verified or named."""
 
-    src: Path
+    src: Path | SourceFile
     dst: Path
     tmp: Path
     size: int
@@ -141,7 +189,7 @@ class Staged:
 
 
 def copy_verified(
-    src: Path,
+    src: Path | SourceFile,
     dst: Path,
     *,
     file_mode: int = 0o640,
@@ -180,7 +228,7 @@ def copy_verified(
 
 
 def stage_copy(
-    src: Path,
+    src: Path | SourceFile,
     dst: Path,
     *,
     file_mode: int = 0o640,
@@ -202,13 +250,17 @@ def stage_copy(
         raise TransferError.of(exc, src, dst, "copy") from exc
 
 
-def commit_copy(staged: Staged, targets: Iterable[Path]) -> tuple[CopyResult, Path]:
+def commit_copy(
+    staged: Staged, targets: Iterable[Path], *, evicted: bool = False
+) -> tuple[CopyResult, Path]:
     """The second half: read the temporary file back (from storage, not the page cache) and
     give it the first of ``targets`` that is free (never replacing a file). The temporary file
-    is removed on any failure."""
+    is removed on any failure. ``evicted``: :func:`read_back_from_storage` already dropped its
+    cached pages after the flush (and asked for them again from the storage)."""
     tmp = staged.tmp
     try:
-        _verify(tmp, staged.size, staged.checksum)  # a final name only ever holds good data
+        # a final name only ever holds good data
+        _verify(tmp, staged.size, staged.checksum, drop_cache=not evicted)
         for target in targets:
             try:
                 _rename_no_clobber(tmp, target)
@@ -228,7 +280,7 @@ def commit_copy(staged: Staged, targets: Iterable[Path]) -> tuple[CopyResult, Pa
 
 
 def _stage(
-    src: Path,
+    src: Path | SourceFile,
     dst: Path,
     file_mode: int,
     dir_mode: int,
@@ -250,7 +302,7 @@ def _stage(
     hasher = xxhash.xxh3_128()
     size = 0
     try:
-        with open(src, "rb", buffering=0) as fin:
+        with _open_source(src) as fin:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             try:
                 buf = _buffer(before.st_size, chunk_bytes)
@@ -298,7 +350,7 @@ def _rename_no_clobber(tmp: Path, dst: Path) -> None:
     tmp.unlink()
 
 
-def _existing_identical(src: Path, dst: Path, src_stat: os.stat_result) -> CopyResult | None:
+def _existing_identical(src: Path | SourceFile, dst: Path, src_stat: Any) -> CopyResult | None:
     """A destination left by an earlier, interrupted run: keep it only if provably identical."""
     try:
         dst_stat = dst.stat()
@@ -306,16 +358,16 @@ def _existing_identical(src: Path, dst: Path, src_stat: os.stat_result) -> CopyR
         return None
     if (dst_stat.st_size, dst_stat.st_mtime_ns) != (src_stat.st_size, src_stat.st_mtime_ns):
         return None
-    src_sum = file_checksum(src)
+    src_sum = _source_checksum(src)
     if file_checksum(dst, drop_cache=True) != src_sum:
         return None
     return CopyResult(src_stat.st_size, src_stat.st_mtime_ns, src_sum, copied=False)
 
 
-def _verify(path: Path, size: int, checksum: str) -> None:
+def _verify(path: Path, size: int, checksum: str, *, drop_cache: bool = True) -> None:
     actual_size = path.stat().st_size
     if actual_size != size:
         raise TransferError(f"{path}: size {actual_size} after copy, expected {size}")
-    actual = file_checksum(path, drop_cache=True)
+    actual = file_checksum(path, drop_cache=drop_cache)
     if actual != checksum:
         raise TransferError(f"{path}: checksum {actual} after copy, expected {checksum}")

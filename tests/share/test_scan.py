@@ -15,6 +15,7 @@ from cryoflow.share.scan import (
     IGNORED_PATTERNS,
     FileStat,
     Observation,
+    PathResolver,
     StabilityTracker,
     UnsafePathError,
     is_ignored,
@@ -22,6 +23,7 @@ from cryoflow.share.scan import (
     safe_relpath,
     scan_tree,
 )
+from tests.share.conftest import Backend
 
 
 def _touch(root: Path, rel: str, data: bytes = b"x") -> None:
@@ -30,7 +32,9 @@ def _touch(root: Path, rel: str, data: bytes = b"x") -> None:
     path.write_bytes(data)
 
 
-def test_scan_lists_files_and_prunes_windows_and_hidden_entries(tmp_path: Path) -> None:
+def test_scan_lists_files_and_prunes_windows_and_hidden_entries(share_backend: Backend) -> None:
+    """The same on a mounted folder and over SMB (where mtimes have microsecond precision)."""
+    tmp_path = share_backend.root
     keep = [
         "Images-Disc1/GridSquare_1/Data/FoilHole_2_Data_3_4_20261124_101010_fractions.tiff",
         "Images-Disc1/GridSquare_1/Data/FoilHole_2_Data_3_4_20261124_101010.xml",
@@ -47,9 +51,14 @@ def test_scan_lists_files_and_prunes_windows_and_hidden_entries(tmp_path: Path) 
     ]
     for rel in keep + skip:
         _touch(tmp_path, rel)
-    result = scan_tree(tmp_path, exclude=["*.jpg"])
+    result = share_backend.source.scan(exclude=["*.jpg"])
     assert sorted(result.files) == sorted(keep)
-    assert result.files[keep[0]] == FileStat(1, (tmp_path / keep[0]).stat().st_mtime_ns)
+    mtime_ns = (tmp_path / keep[0]).stat().st_mtime_ns
+    if share_backend.kind == "smb":
+        mtime_ns = mtime_ns // 1000 * 1000
+    assert result.files[keep[0]] == FileStat(1, mtime_ns)
+    if share_backend.kind == "mount":
+        assert scan_tree(tmp_path, exclude=["*.jpg"]) == result  # LocalSource is scan_tree
 
 
 def test_symlinks_out_of_the_share_are_refused(tmp_path: Path) -> None:
@@ -70,6 +79,28 @@ def test_symlinks_out_of_the_share_are_refused(tmp_path: Path) -> None:
 def test_unsafe_relative_paths_are_rejected(bad: str) -> None:
     with pytest.raises(UnsafePathError):
         safe_relpath(bad)
+
+
+@pytest.mark.parametrize("resolver", ["resolve_in", "PathResolver"])
+def test_a_batch_resolves_like_resolve_in(tmp_path: Path, resolver: str) -> None:
+    """A batch's resolver (each folder resolved once) refuses what resolve_in refuses: a folder
+    or a file that is a symlink leading out of the share; links inside the share are fine."""
+    share, outside = tmp_path / "share", tmp_path / "outside"
+    (share / "Data").mkdir(parents=True)
+    outside.mkdir()
+    (outside / "secret.tif").write_bytes(b"x")
+    (share / "Data" / "m1.tif").write_bytes(b"m")
+    (share / "out").symlink_to(outside)  # a folder link out of the share
+    (share / "Data" / "leak.tif").symlink_to(outside / "secret.tif")  # a file link out
+    (share / "Data" / "alias.tif").symlink_to(share / "Data" / "m1.tif")  # a link inside
+    resolve = PathResolver(share) if resolver == "PathResolver" else (
+        lambda rel: resolve_in(share, rel))  # fmt: skip
+    assert resolve("Data/m1.tif") == share / "Data" / "m1.tif"
+    assert resolve("Data/alias.tif") == share / "Data" / "alias.tif"
+    for rel in ("out/secret.tif", "Data/leak.tif", "Data/../../outside/secret.tif"):
+        with pytest.raises(UnsafePathError):
+            resolve(rel)
+    assert resolve("Data/m1.tif") == share / "Data" / "m1.tif"  # the cached folder again
 
 
 def test_resolve_in_refuses_symlinked_escape(tmp_path: Path) -> None:

@@ -42,7 +42,7 @@ from cryoflow.archive.settings import CleanupConfig
 from cryoflow.archive.tagging import TAGS, read_tags
 from cryoflow.ledger import FileRow, Ledger, SessionRow
 from cryoflow.names import shown
-from cryoflow.share.scan import UnsafePathError, resolve_in
+from cryoflow.share.scan import UnsafePathError, resolve_in, safe_relpath
 from cryoflow.transfer import CHECKSUM_ALGORITHM, file_checksum
 
 if TYPE_CHECKING:
@@ -162,14 +162,70 @@ class LocalSourceFiles:
             os.unlink(name, dir_fd=fd)
 
 
+class SmbSourceFiles:
+    """A session folder read directly over SMB (:class:`cryoflow.share.smb.SmbSource`).
+
+    Each folder on the way to the file is looked up in its parent's listing and must be a plain
+    folder (no reparse point: a link or junction on the Windows side is refused, not followed);
+    the file's own entry gives size, mtime and whether it is a plain file. A share that is away
+    raises (``ShareOffline``): the file is kept, never taken for gone."""
+
+    def __init__(self, source: Any) -> None:
+        self.source = source
+
+    def location(self, relpath: str) -> str:
+        return self.source.location(relpath)
+
+    def _entry(self, relpath: str) -> Any | None:
+        from cryoflow.share.smb import FILE_ATTRIBUTE_DIRECTORY, FILE_ATTRIBUTE_REPARSE_POINT
+
+        rel = safe_relpath(relpath)
+        parts = rel.split("/")
+        for i in range(1, len(parts)):
+            folder = self.source._entry("/".join(parts[:i]))
+            if folder is None:
+                return None
+            attrs = folder.smb_info.file_attributes
+            if attrs & FILE_ATTRIBUTE_REPARSE_POINT or not attrs & FILE_ATTRIBUTE_DIRECTORY:
+                raise UnsafePathError(f"{relpath!r}: {parts[i - 1]!r} is not a folder")
+        return self.source._entry(rel)
+
+    def stat(self, relpath: str) -> SourceStat | None:
+        from cryoflow.share.smb import FILE_ATTRIBUTE_DIRECTORY, FILE_ATTRIBUTE_REPARSE_POINT
+
+        entry = self._entry(relpath)
+        if entry is None:
+            if not self.source.exists():  # the session folder itself is gone: not "deleted"
+                raise OSError(errno.ENODEV, "session folder not found", self.source.root)
+            return None
+        info = entry.smb_info
+        odd = FILE_ATTRIBUTE_DIRECTORY | FILE_ATTRIBUTE_REPARSE_POINT
+        return SourceStat(
+            info.end_of_file, self.source.mtime_ns(info), not info.file_attributes & odd
+        )
+
+    def unlink(self, relpath: str) -> None:
+        self.source.remove(safe_relpath(relpath))
+
+
 def local_sources(session: SessionRow) -> SourceFiles:
     return LocalSourceFiles(session.source_root)
 
 
 def sources_for(scope: MicroscopeConfig) -> Callable[[SessionRow], SourceFiles]:
-    """How cleanup reaches the microscope's share (``share.kind``)."""
-    if scope.share.kind == "cifs":  # a mounted share, read as local paths
+    """How cleanup reaches the microscope's share (``share.kind``): a mounted share as local
+    paths, an SMB share through the microscope's Airflow Connection."""
+    if scope.share.kind == "cifs":
         return local_sources
+    if scope.share.kind == "smb":
+        from cryoflow.share.source import source_for
+
+        conn_id = scope.share.conn_id
+
+        def smb_sources(session: SessionRow) -> SourceFiles:
+            return SmbSourceFiles(source_for(session.source_root, conn_id))
+
+        return smb_sources
     raise ValueError(f"share kind {scope.share.kind!r} has no cleanup implementation")
 
 

@@ -65,6 +65,7 @@ def watch_trigger(
         expected_frames=params.frames,
         incomplete_after_seconds=transfer.incomplete_after_seconds,
         short_after_seconds=transfer.short_after_seconds,
+        smb_conn_id=scope.share.conn_id if scope.share.kind == "smb" else None,
     )
 
 

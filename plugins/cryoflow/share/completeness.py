@@ -9,7 +9,8 @@ the file:
   for the file size exactly (a gain reference ``.mrc`` is checked the same way);
 - TIFF (``.tif``, ``.tiff``) and EER (``.eer``, a TIFF container): every IFD of the chain, every
   tag value and every strip or tile must lie inside the file (classic TIFF and BigTIFF, both byte
-  orders);
+  orders); an EER whose metadata (tag 65001) names ``numberOfFrames`` must have that many pages,
+  so a Falcon writer stopped between two pages is not taken for a whole movie;
 - XML (``.xml``, EPU's per-movie metadata): it must be well-formed;
 - any other suffix: :attr:`Verdict.UNKNOWN`, and settling alone decides.
 
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import enum
 import os
+import re
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,7 +39,7 @@ from xml.parsers import expat
 
 import numpy as np
 
-__all__ = ["CHECKED_SUFFIXES", "Completeness", "Verdict", "check_complete"]
+__all__ = ["CHECKED_SUFFIXES", "Completeness", "Verdict", "check_complete", "check_stream"]
 
 
 class Verdict(enum.StrEnum):
@@ -157,6 +159,11 @@ _DATA_TAGS = {_STRIP_OFFSETS, _STRIP_BYTE_COUNTS, _TILE_OFFSETS, _TILE_BYTE_COUN
 MAX_TIFF_PAGES = 1 << 20
 MAX_TIFF_TAGS = 1 << 16
 MAX_TIFF_CHUNKS = 1 << 22  # strips or tiles of one page
+# EER: the acquisition metadata (XML) in the first page's tag 65001; when it names the number of
+# raw frames, a file cut between two pages (every IFD whole, the chain just ends) is not whole.
+EER_METADATA_TAG = 65001
+MAX_EER_METADATA_BYTES = 1 << 20
+_EER_FRAMES = re.compile(rb'name\s*=\s*"numberOfFrames"[^>]*>\s*(\d+)\s*<')
 
 
 @dataclass(frozen=True)
@@ -260,13 +267,37 @@ def _tiff_data_end(
     return end
 
 
-def _check_tiff(fh: BinaryIO, size: int, expected_frames: int | None) -> Completeness:
+def _check_eer(fh: BinaryIO, size: int, expected_frames: int | None) -> Completeness:
+    """A TIFF walk, plus: the pages the EER metadata promises (``numberOfFrames``) are there.
+    ``expected_frames`` counts raw frames (pages) here, not the session's fractions."""
+    return _check_tiff(fh, size, expected_frames, promised_tag=EER_METADATA_TAG)
+
+
+def _promised_frames(
+    fh: BinaryIO, size: int, layout: _TiffLayout, raw: bytes, count: int
+) -> int | None:
+    """``numberOfFrames`` from an EER metadata tag's XML, None when it does not say."""
+    if count > MAX_EER_METADATA_BYTES:
+        return None
+    if count <= layout.offset_bytes:
+        data = raw[:count]
+    else:
+        (offset,) = struct.unpack(layout.offset_fmt, raw)
+        data = _read(fh, offset, count, size, "EER metadata")
+    found = _EER_FRAMES.search(data)
+    return int(found.group(1)) if found else None
+
+
+def _check_tiff(
+    fh: BinaryIO, size: int, expected_frames: int | None, *, promised_tag: int | None = None
+) -> Completeness:
     """Walk the IFD chain; every IFD, tag value and strip/tile must end inside the file."""
     layout, offset = _tiff_layout(fh, size)
     if offset == 0:
         raise _Incomplete("TIFF header points to no IFD (no page written yet)", 0)
     seen: set[int] = set()
     pages = 0
+    promised: int | None = None
     entry_bytes = layout.entry.size
     while offset:
         page = pages + 1
@@ -311,6 +342,8 @@ def _check_tiff(fh: BinaryIO, size: int, expected_frames: int | None) -> Complet
                     )
             if tag in _DATA_TAGS:
                 fields[tag] = (ftype, count, raw)
+            elif tag == promised_tag and page == 1 and type_bytes == 1:
+                promised = _promised_frames(fh, size, layout, raw, count)
         data_end = _tiff_data_end(fh, size, layout, fields, page)
         if data_end > size:
             raise _Incomplete(f"TIFF page {page} data ends at byte {data_end} of {size}", pages)
@@ -318,6 +351,8 @@ def _check_tiff(fh: BinaryIO, size: int, expected_frames: int | None) -> Complet
         (offset,) = struct.unpack(layout.offset_fmt, block[-layout.offset_bytes :])
     if expected_frames is not None and pages < expected_frames:
         raise _Incomplete(f"TIFF has {pages} pages, expected {expected_frames}", pages)
+    if promised is not None and pages < promised:
+        raise _Incomplete(f"EER has {pages} pages, its metadata says {promised} frames", pages)
     return Completeness(Verdict.COMPLETE, f"{pages} pages", pages)
 
 
@@ -342,7 +377,7 @@ _CHECKERS: dict[str, tuple[str, _Checker]] = {
     ".mrcs": ("MRC", _check_mrc),
     ".tif": ("TIFF", _check_tiff),
     ".tiff": ("TIFF", _check_tiff),
-    ".eer": ("EER", _check_tiff),
+    ".eer": ("EER", _check_eer),
     ".xml": ("XML", _check_xml),
 }
 CHECKED_SUFFIXES = frozenset(_CHECKERS)  # lower case; others are UNKNOWN
@@ -362,12 +397,24 @@ def check_complete(path: Path, *, expected_frames: int | None = None) -> Complet
     suffix = path.suffix.lower()
     if suffix not in _CHECKERS:
         return Completeness(Verdict.UNKNOWN, f"no completeness check for {suffix or 'no suffix'}")
-    kind, checker = _CHECKERS[suffix]
     with open(path, "rb") as fh:
         size = os.fstat(fh.fileno()).st_size
-        try:
-            return checker(fh, size, expected_frames)
-        except _Incomplete as exc:
-            return Completeness(Verdict.INCOMPLETE, exc.reason, exc.frames)
-        except (struct.error, ValueError, OverflowError) as exc:  # a gap in the checks above
-            return Completeness(Verdict.INCOMPLETE, f"{kind} does not parse: {exc}")
+        return check_stream(fh, path.name, size, expected_frames=expected_frames)
+
+
+def check_stream(
+    fh: BinaryIO, name: str, size: int, *, expected_frames: int | None = None
+) -> Completeness:
+    """:func:`check_complete` on a stream already open (an SMB file: no local path), whose
+    ``size`` was taken when it was opened; ``name``'s suffix picks the check. ``fh.read(n)``
+    must return ``n`` bytes unless the file ends first."""
+    suffix = Path(name).suffix.lower()
+    if suffix not in _CHECKERS:
+        return Completeness(Verdict.UNKNOWN, f"no completeness check for {suffix or 'no suffix'}")
+    kind, checker = _CHECKERS[suffix]
+    try:
+        return checker(fh, size, expected_frames)
+    except _Incomplete as exc:
+        return Completeness(Verdict.INCOMPLETE, exc.reason, exc.frames)
+    except (struct.error, ValueError, OverflowError) as exc:  # a gap in the checks above
+        return Completeness(Verdict.INCOMPLETE, f"{kind} does not parse: {exc}")

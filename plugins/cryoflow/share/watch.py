@@ -6,6 +6,12 @@ polls and turns the outcome into a TriggerEvent.
 
 A quiet file is ready only once its format says it is whole (``completeness``): a writer that
 pauses mid-movie for longer than the settle time must not get its half file copied as a movie.
+Over SMB it must also not be held open for writing by the microscope PC (``source``).
+
+A share that is offline raises :class:`ShareOffline` out of ``poll`` (the trigger pauses and
+tries again): nothing is concluded from it. So is a session folder that is gone or lists empty
+while the ledger has files from it: an unmounted CIFS share, or an empty folder put in its
+place, must never read as "every file was deleted".
 """
 
 from __future__ import annotations
@@ -19,7 +25,8 @@ from typing import Any
 from cryoflow.names import shown, to_text
 from cryoflow.share.completeness import Completeness, check_complete
 from cryoflow.share.layout import FileKind, Layout, classify
-from cryoflow.share.scan import FileStat, StabilityTracker, scan_tree
+from cryoflow.share.scan import FileStat, StabilityTracker
+from cryoflow.share.source import HeldForWriting, LocalSource, ShareOffline, ShareSource
 
 
 @dataclass(frozen=True)
@@ -80,19 +87,27 @@ class ShareWatch:
         tracker: StabilityTracker | None = None,
         backing_off: Mapping[str, float] | None = None,
         checker: Callable[[Path, int | None], Completeness] | None = None,
+        source: ShareSource | None = None,
     ) -> None:
         self.settings = settings
+        self.source: ShareSource = source or LocalSource(settings.root)
         self.done = done
         self.tracker = tracker or StabilityTracker(settings.settle_seconds)
         self.last_activity = started
         self.first_ready_at: float | None = None
         # Failed copies owed again from this (monotonic) time on, not before: a backoff.
         self.backing_off = dict(backing_off or {})
-        self.checker = checker or (lambda p, n: check_complete(p, expected_frames=n))
+        self.checker = checker or self._check_source
         self._verdicts: dict[str, tuple[FileStat, Completeness]] = {}
         # Frames per movie: the form's count until a whole movie shows another one.
         self.frames = settings.expected_frames
         self._held: dict[str, str] = {}  # quiet, not whole (yet): relpath -> why
+        self._offline_since: float | None = None
+
+    def _check_source(self, path: Path, frames: int | None) -> Completeness:
+        if isinstance(self.source, LocalSource):
+            return check_complete(path, expected_frames=frames)
+        return self.source.check_complete(path.relative_to(self.settings.root).as_posix(), frames)
 
     def _is_done(self, rel: str, stat: FileStat, now: float) -> bool:
         if now < self.backing_off.get(rel, 0.0):
@@ -119,7 +134,13 @@ class ShareWatch:
     def _readiness(self, rel: str, stat: FileStat, now: float) -> tuple[str, str]:
         """("ready" | "held" | "abandoned", why) for a file quiet for the settle time."""
         s = self.settings
-        verdict = self._completeness(rel, stat)
+        try:
+            held = self.source.held_for_writing(rel)
+            verdict = None if held else self._completeness(rel, stat)
+        except HeldForWriting:
+            verdict = None
+        if verdict is None:  # its writer still has it open: not finished, however quiet
+            return "held", "open for writing on the share"
         quiet = self.tracker.unchanged_for(rel, now)
         if not verdict.complete:
             return ("abandoned" if quiet >= s.incomplete_after_seconds else "held"), verdict.reason
@@ -134,10 +155,24 @@ class ShareWatch:
     def poll(self, now: float, wall: datetime | None = None) -> Outcome:
         s = self.settings
         wall = wall or datetime.now(UTC)
-        if not s.root.is_dir():
-            # The session folder may not exist yet when the operator starts the run early.
-            return self._idle_or_wait(now, wall, errors=[f"{s.root}: folder does not exist (yet)"])
-        scan = scan_tree(s.root, s.exclude)
+        try:
+            if not self.source.exists():
+                self._suspect("is gone")
+                self._resumed(now)
+                # The session folder may not exist yet when the operator starts the run early.
+                return self._idle_or_wait(
+                    now, wall, errors=[f"{self.source}: folder does not exist (yet)"]
+                )
+            scan = self.source.scan(s.exclude)
+            if not scan.files:
+                self._suspect("lists no files")
+        except ShareOffline:
+            if self._offline_since is None:
+                self._offline_since = now
+            if s.deadline is not None and wall >= s.deadline:
+                return Outcome("ended", reason=f"session end time {s.deadline.isoformat()} reached")
+            raise
+        self._resumed(now)
         todo = {rel: st for rel, st in scan.files.items() if not self._is_done(rel, st, now)}
         for rel in [r for r in self._verdicts if r not in todo]:
             del self._verdicts[rel]
@@ -148,6 +183,8 @@ class ShareWatch:
         for rel in obs.ready:
             try:
                 state, why = self._readiness(rel, todo[rel], now)
+            except ShareOffline:
+                raise
             except OSError as exc:  # vanished or unreadable since the scan: the next poll sees
                 errors.append(f"{rel}: {exc.strerror or exc}")
                 settling.add(rel)
@@ -198,6 +235,22 @@ class ShareWatch:
                 for rel, why in sorted(self._held.items())
             ]
         return out
+
+    def _suspect(self, what: str) -> None:
+        """The folder ``what`` while the ledger has files from it: offline, not emptied."""
+        if self.done:
+            raise ShareOffline(
+                str(self.source),
+                f"the session folder {what} while {len(self.done)} of its files are in the "
+                "ledger (share unmounted, offline or replaced?); nothing is concluded until "
+                "they show again",
+            )
+
+    def _resumed(self, now: float) -> None:
+        """Back after being offline: the idle clock did not run meanwhile (nobody could see)."""
+        if self._offline_since is not None:
+            self.last_activity += now - self._offline_since
+            self._offline_since = None
 
     @staticmethod
     def _entry(rel: str, stat: FileStat, wall: datetime) -> dict[str, Any]:

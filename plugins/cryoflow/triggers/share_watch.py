@@ -4,7 +4,9 @@ The filesystem walk and the ledger reads run in a thread (a CIFS mount can stall
 triggerer's event loop must not), under a timeout that reports a hung mount instead of hanging.
 The trigger yields exactly one event: a batch of finished files, or the end of the session (idle
 timeout, end time, or an operator's end request in the ledger). Errors never end a session: the
-watch reports them and tries again with backoff.
+watch reports them and tries again with backoff. A share that is offline (SMB server down,
+network, credentials refused; or a session folder that vanished or lists empty while the ledger
+has files from it) pauses the watch with one clear warning; it resumes by itself.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from airflow.triggers.base import BaseTrigger, TriggerEvent
 
 from cryoflow.ledger import Ledger, utcnow
 from cryoflow.share.scan import StabilityTracker
+from cryoflow.share.source import ShareOffline, ShareSource, source_for
 from cryoflow.share.watch import Outcome, ShareWatch, WatchSettings
 
 
@@ -95,6 +98,7 @@ class ShareWatchTrigger(BaseTrigger):
         expected_frames: int | None = None,
         incomplete_after_seconds: float = 600.0,
         short_after_seconds: float = 30.0,
+        smb_conn_id: str | None = None,
     ) -> None:
         super().__init__()
         self.root = root
@@ -114,6 +118,8 @@ class ShareWatchTrigger(BaseTrigger):
         self.expected_frames = expected_frames
         self.incomplete_after_seconds = incomplete_after_seconds
         self.short_after_seconds = short_after_seconds
+        self.smb_conn_id = smb_conn_id  # an smb:// root: the Airflow Connection to log in with
+        self._source: ShareSource | None = None
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return (
@@ -136,6 +142,7 @@ class ShareWatchTrigger(BaseTrigger):
                 "expected_frames": self.expected_frames,
                 "incomplete_after_seconds": self.incomplete_after_seconds,
                 "short_after_seconds": self.short_after_seconds,
+                "smb_conn_id": self.smb_conn_id,
             },
         )
 
@@ -172,7 +179,15 @@ class ShareWatchTrigger(BaseTrigger):
             "Watching %s (%d files already done, %d failed copies waiting to be tried again)",
             self.root, len(done), len(backing_off),
         )  # fmt: skip
-        watch = ShareWatch(settings, done, started=now, tracker=tracker, backing_off=backing_off)
+        self._source = source_for(self.root, self.smb_conn_id)
+        watch = ShareWatch(
+            settings,
+            done,
+            started=now,
+            tracker=tracker,
+            backing_off=backing_off,
+            source=self._source,
+        )
         learned = state.get(FRAMES_KEY)
         if isinstance(learned, list) and learned and type(learned[0]) is int and learned[0] > 0:
             watch.frames = learned[0]  # what the session's movies showed, over the form's
@@ -212,7 +227,17 @@ class ShareWatchTrigger(BaseTrigger):
                 )  # fmt: skip
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
+        try:
+            async for event in self._events():
+                yield event
+        finally:  # also when cancelled: an SMB connection must not outlive its watch
+            close = getattr(self._source, "close", None)
+            if close is not None:
+                await asyncio.to_thread(close)
+
+    async def _events(self) -> AsyncIterator[TriggerEvent]:
         failures = 0
+        offline: str | None = None
         watch: ShareWatch | None = None
         reported: set[str] = set()
         while True:
@@ -220,6 +245,18 @@ class ShareWatchTrigger(BaseTrigger):
                 if watch is None:
                     watch = await self._in_thread("Opening the watch", self._start)
                 outcome = await self._in_thread("A poll", self._poll, watch)
+            except ShareOffline as exc:  # pause: no file is concluded gone, nothing is copied
+                failures += 1
+                delay = min(self.backoff_max_seconds, self.poll_seconds * 2 ** min(failures, 10))
+                if str(exc) != offline:  # once per cause, not on every try
+                    self.log.warning(
+                        "PAUSED: %s. The watch of %s waits and resumes by itself (next try in "
+                        "%.1f s); no file is taken as deleted meanwhile",
+                        exc, self.root, delay,
+                    )  # fmt: skip
+                offline = str(exc)
+                await asyncio.sleep(delay)
+                continue
             except Exception as exc:  # share or ledger trouble: report, back off, go on
                 failures += 1
                 delay = min(self.backoff_max_seconds, self.poll_seconds * 2 ** min(failures, 10))
@@ -229,6 +266,9 @@ class ShareWatchTrigger(BaseTrigger):
                 )  # fmt: skip
                 await asyncio.sleep(delay)
                 continue
+            if offline is not None:
+                self.log.warning("RESUMED: the share of %s answers again", self.root)
+                offline = None
             if failures:
                 self.log.info("Watch of %s works again after %d failure(s)", self.root, failures)
                 failures = 0
