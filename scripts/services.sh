@@ -775,6 +775,29 @@ chromium_up() {  # idempotent: Debian's chromium + chromedriver (/usr/bin/chrome
 
 # --- commands ----------------------------------------------------------------------------------
 
+# PostgreSQL and Redis: this machine kind runs them on loopback (the ledger and Airflow on
+# PostgreSQL, Celery's broker on Redis: tests/test_celery_e2e.py). Started here only if they are
+# installed but down; never installed or configured by this script.
+loopback_dbs_up() {
+    if ! port_open 5432; then
+        if command -v pg_ctlcluster >/dev/null; then
+            log "PostgreSQL is down: starting its clusters"
+            for cluster in /etc/postgresql/*/*/; do
+                [[ -d $cluster ]] || continue
+                pg_ctlcluster "$(basename "$(dirname "$cluster")")" "$(basename "$cluster")" start || true
+            done
+        fi
+        wait_until 30 "PostgreSQL on 127.0.0.1:5432" port_open 5432
+    fi
+    if ! port_open 6379; then
+        if command -v redis-server >/dev/null; then
+            log "Redis is down: starting redis-server on 127.0.0.1:6379"
+            redis-server --bind 127.0.0.1 --port 6379 --daemonize yes >/dev/null
+        fi
+        wait_until 30 "Redis on 127.0.0.1:6379" port_open 6379
+    fi
+}
+
 cmd_up() {
     [[ $EUID -eq 0 ]] || die "run as root (starts system daemons)"
     install -d -m 0700 "$STATE_DIR"
@@ -785,7 +808,8 @@ cmd_up() {
     slurm_up
     sshd_up
     samba_up
-    log "up: Slurm ($CLUSTER_NAME: partitions cpu, gpu), sshd 127.0.0.1:$SSH_PORT and smbd 127.0.0.1:$SMB_PORT; state in $STATE_DIR"
+    loopback_dbs_up
+    log "up: Slurm ($CLUSTER_NAME: partitions cpu, gpu), sshd 127.0.0.1:$SSH_PORT, smbd 127.0.0.1:$SMB_PORT, PostgreSQL :5432, Redis :6379; state in $STATE_DIR"
 }
 
 cmd_down() {
