@@ -511,3 +511,50 @@ def test_ending_a_session_triggers_end_session_as_the_user(
     # a closed session cannot be ended again
     site["ledger"].close_session(site["sid"], "idle")
     assert client.post(url, json={"confirm": "s1"}, headers=op).status_code == 409
+
+
+# ----------------------------------------------------------------------------- starting
+
+
+def test_the_start_form_flags_each_bad_value_by_its_field_and_starts_with_the_defaults(
+    client: Any, site: dict[str, Any], dags: None
+) -> None:
+    from airflow.models.dag import DagModel
+    from airflow.models.dagrun import DagRun
+    from airflow.utils.session import create_session
+    from sqlalchemy import select
+
+    page_url, api = f"{PREFIX}/start/krios1", f"{PREFIX}/api/start/krios1"
+    viewer = client.get(page_url, headers=bearer("viewer")).text
+    assert "needs the right to trigger session_krios1" in viewer and "<form" not in viewer
+    refused = client.post(api, json={"session_name": "x1"}, headers=bearer("viewer"))
+    assert refused.status_code == 403
+    op = bearer("user", name="operator-ann")
+    form = client.get(page_url, headers=op).text
+    assert f'data-start-url="{PREFIX}/api/start/krios1"' in form
+    # the microscope's defaults are in the fields; optional ones are marked and not required
+    assert 'name="pixel_size_A"' in form and 'value="0.73"' in form
+    start = form.index('data-field="project"')
+    project = form[start : form.index("</div></div>", start)]
+    assert "(optional)" in project and "required" not in project
+    assert 'data-exclusiveminimum="0.1"' in form  # the browser checks the same bounds
+
+    bad = {"session_name": "bad name!", "pixel_size_A": "0", "frames": "2.5", "project": "",
+           "end_time": "tomorrow", "collaborators": "ann, Bob!"}  # fmt: skip
+    r = client.post(api, json=bad, headers=op)
+    assert r.status_code == 422, r.text
+    fields = r.json()["fields"]
+    assert set(fields) >= {"session_name", "pixel_size_A", "frames"}, fields
+    assert "greater than 0.1" in fields["pixel_size_A"]
+    assert "project" not in fields  # an optional field left empty is fine
+    with create_session() as s:
+        assert not s.scalars(select(DagRun).where(DagRun.dag_id == "session_krios1")).all()
+
+    r = client.post(api, json={"session_name": "from_the_view", "project": ""}, headers=op)
+    assert r.status_code == 200, r.text
+    assert r.json()["view"].endswith("/sessions/krios1/from_the_view")
+    with create_session() as s:
+        run = s.scalar(select(DagRun).where(DagRun.dag_id == "session_krios1"))
+        assert run.conf == {"session_name": "from_the_view", "project": None}
+        assert run.triggering_user_name == "operator-ann"
+        assert s.get(DagModel, "session_krios1").is_paused is False  # switched on to start

@@ -42,7 +42,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cryoflow.config import SAFE_ID, ConfigError, SiteConfig, load_site
 from cryoflow.session import SESSION_NAME_PATTERN
-from cryoflow.view import page, thumbnails
+from cryoflow.view import page, start_form, thumbnails
 from cryoflow.view.queries import (
     TTLCache,
     ViewQueries,
@@ -605,9 +605,15 @@ _dag_bag: Any = None
 
 def trigger_end_session(db: Any, request: Request, user: BaseUser, microscope: str,
                         name: str) -> Any:  # fmt: skip
-    """Create the ``end_session_<microscope>`` run with Airflow's own trigger route function (DAG
-    lookup, import-error and run-type checks, params validation, triggering user), plus the
-    audit-log entry its route decorator would write."""
+    """Create the ``end_session_<microscope>`` run (see :func:`trigger_as_user`)."""
+    return trigger_as_user(db, request, user, end_dag(microscope), {"session_name": name})
+
+
+def trigger_as_user(db: Any, request: Request, user: BaseUser, dag_id: str,
+                    conf: dict[str, Any]) -> Any:  # fmt: skip
+    """Create a run of ``dag_id`` with Airflow's own trigger route function (DAG lookup,
+    import-error and run-type checks, params validation, triggering user), plus the audit-log
+    entry its route decorator would write."""
     global _dag_bag
     from airflow.api_fastapi.core_api.datamodels.dag_run import TriggerDAGRunPostBody
     from airflow.api_fastapi.core_api.routes.public.dag_run import trigger_dag_run
@@ -616,12 +622,10 @@ def trigger_end_session(db: Any, request: Request, user: BaseUser, microscope: s
 
     if _dag_bag is None:
         _dag_bag = DBDagBag()
-    conf_ = {"session_name": name}
-    dag_id = end_dag(microscope)
     run = trigger_dag_run(
         dag_id=dag_id,
         body=TriggerDAGRunPostBody(
-            logical_date=None, conf=conf_, note=f"From the session view by {user.get_name()}"
+            logical_date=None, conf=conf, note=f"From the session view by {user.get_name()}"
         ),
         dag_bag=_dag_bag,
         user=user,
@@ -633,13 +637,64 @@ def trigger_end_session(db: Any, request: Request, user: BaseUser, microscope: s
             event="trigger_dag_run",
             owner=user.get_name(),
             owner_display_name=user.get_name(),
-            extra=json.dumps({"via": "cryoflow session view", "conf": conf_, "method": "POST"}),
+            extra=json.dumps({"via": "cryoflow session view", "conf": conf, "method": "POST"}),
             dag_id=dag_id,
             run_id=run.run_id,
         )
     )
     db.flush()
     return run
+
+
+# ----------------------------------------------------------------------------- starting
+
+
+@app.get("/start/{microscope}", response_class=HTMLResponse, name="start_page")
+def start_page(request: Request, user: GetUserDep, view: ViewDep, microscope: ScopeDep) -> (
+    HTMLResponse
+):  # fmt: skip
+    """The trigger form of ``session_<microscope>``, each bad value flagged beside its field."""
+    dag_id = f"session_{microscope}"
+    scope = view.site.microscopes[microscope]
+    links = _links(request)
+    if may(user, "POST", dag_id, DagAccessEntity.RUN):
+        form = start_form.form_html(scope, f"{links.index}api/start/{quote(microscope)}")
+    else:
+        form = f'<p class="muted">Starting a session needs the right to trigger {dag_id}.</p>'
+    return HTMLResponse(page.start_page(scope.name, microscope, form, links))
+
+
+@app.post("/api/start/{microscope}")
+def api_start(
+    body: dict[str, Any], request: Request, user: GetUserDep, view: ViewDep,
+    db: SessionDep, microscope: ScopeDep,
+) -> JSONResponse:  # fmt: skip
+    """Start a session: 422 with ``fields`` (field -> what is wrong) when a value is bad, else
+    the run of ``session_<microscope>`` triggered as the user (its DAG switched on first, as an
+    operator does at session start)."""
+    dag_id = f"session_{microscope}"
+    if not may(user, "POST", dag_id, DagAccessEntity.RUN):
+        raise HTTPException(status.HTTP_403_FORBIDDEN, f"no permission to trigger the DAG {dag_id}")
+    scope = view.site.microscopes[microscope]
+    values = start_form.clean_values(scope, body)
+    errors = start_form.field_errors(scope, values)
+    if errors:
+        return JSONResponse({"fields": errors}, status_code=status.HTTP_422_UNPROCESSABLE_ENTITY)
+    from airflow.models.dag import DagModel
+    from sqlalchemy import update
+
+    if may(user, "PUT", dag_id):
+        db.execute(update(DagModel).where(DagModel.dag_id == dag_id).values(is_paused=False))
+    run = trigger_as_user(db, request, user, dag_id, start_form.conf_of(values))
+    log.info("%s started session %s on %s (run %s)", user.get_name(), values["session_name"],
+             microscope, run.run_id)  # fmt: skip
+    return JSONResponse({
+        "dag_id": dag_id,
+        "dag_run_id": run.run_id,
+        "session": values["session_name"],
+        "url": f"{airflow_ui_base()}dags/{dag_id}/runs/{quote(run.run_id, safe='')}",
+        "view": _links(request).session(microscope, values["session_name"]),
+    })  # fmt: skip
 
 
 __all__ = ["PREFIX", "UI_ROUTE", "add_log_links", "app", "get_site", "get_view"]

@@ -35,6 +35,12 @@ th{background:#f5f5f5;font-weight:600}td.l,th.l{text-align:left}.muted{color:#77
 .card .lab{font-size:11px;color:#666;text-transform:uppercase;letter-spacing:.03em}
 button.end{background:#b3261e;color:#fff;border:0;border-radius:4px;padding:6px 14px;
 cursor:pointer}button.end[disabled]{background:#aaa}#end-result{margin-left:10px}
+form.start .field{margin:8px 0}form.start label{display:block;font-weight:600}
+form.start input[type=text],form.start input[type=number]{width:22em;padding:3px 5px}
+form.start input[aria-invalid=true]{border:2px solid #b3261e}
+form.start .err{color:#b3261e;font-weight:600;margin-left:8px}form.start .hint{font-size:12px}
+button.start{background:#1b5e9f;color:#fff;border:0;border-radius:4px;padding:6px 14px;
+cursor:pointer}button.start[disabled]{background:#aaa}#start-result{margin-left:10px}
 """
 
 
@@ -77,6 +83,97 @@ document.addEventListener("DOMContentLoaded", () => {
     } catch (err) {
       out.textContent = `failed: ${err}`;
       button.disabled = false;
+    }
+  });
+});
+"""
+
+SCRIPT += """
+// The start form: each field is checked as it is left, with the bounds and patterns the server
+// checks again; the server's answer (422: field -> problem) is shown beside the fields too.
+document.addEventListener("DOMContentLoaded", () => {
+  const form = document.querySelector("form.start");
+  if (!form) return;
+  const out = document.getElementById("start-result");
+  const inputs = [...form.querySelectorAll("input")];
+  const show = (name, message) => {
+    const span = document.getElementById(`err-${name}`);
+    const input = document.getElementById(`f-${name}`);
+    if (span) span.textContent = message || "";
+    if (input) input.setAttribute("aria-invalid", message ? "true" : "false");
+  };
+  const problem = (input) => {
+    if (input.type === "checkbox") return "";
+    const v = input.value.trim();
+    if (v === "") return input.required ? "required" : "";
+    if (input.type === "number") {
+      const n = Number(v);
+      if (!Number.isFinite(n)) return "not a number";
+      if (input.step === "1" && !Number.isInteger(n)) return "must be a whole number";
+      const d = input.dataset;
+      const out = (input.min !== "" && n < Number(input.min))
+        || (input.max !== "" && n > Number(input.max))
+        || (d.exclusiveminimum !== undefined && n <= Number(d.exclusiveminimum))
+        || (d.exclusivemaximum !== undefined && n >= Number(d.exclusivemaximum));
+      return out ? `must be ${d.rule}` : "";
+    }
+    const pattern = input.dataset.pattern;
+    if (pattern && !new RegExp(`^(?:${pattern})$`).test(v)) return `must match ${pattern}`;
+    return "";
+  };
+  const check = (input) => { const p = problem(input); show(input.name, p); return p; };
+  for (const input of inputs) {
+    input.addEventListener("blur", () => check(input));
+    input.addEventListener("input", () => {
+      if (input.getAttribute("aria-invalid") === "true") check(input);
+    });
+  }
+  form.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    const bad = inputs.filter((input) => check(input));
+    if (bad.length) {
+      out.textContent = `${bad.length} field(s) to fix, marked in red`;
+      bad[0].focus();
+      return;
+    }
+    const values = {};
+    for (const input of inputs) {
+      values[input.name] = input.type === "checkbox" ? input.checked : input.value;
+    }
+    const button = form.querySelector("button.start");
+    button.disabled = true;
+    out.textContent = "asking Airflow…";
+    try {
+      const response = await fetch(form.dataset.startUrl, {
+        method: "POST",
+        credentials: "same-origin",
+        headers: {"Content-Type": "application/json", "Accept": "application/json"},
+        body: JSON.stringify(values),
+      });
+      const body = await response.json().catch(() => ({}));
+      button.disabled = false;
+      if (response.status === 422 && body.fields) {
+        for (const [name, message] of Object.entries(body.fields)) show(name, message);
+        out.textContent = "refused: see the fields marked in red";
+        return;
+      }
+      if (!response.ok) {
+        const detail = typeof body.detail === "string" ? body.detail : JSON.stringify(body.detail);
+        out.textContent = `refused (${response.status}): ${detail || response.statusText}`;
+        return;
+      }
+      out.textContent = "";
+      const run = document.createElement("a");
+      run.href = body.url;
+      run.target = "_top";
+      run.textContent = `run ${body.dag_run_id}`;
+      const view = document.createElement("a");
+      view.href = body.view;
+      view.textContent = `session ${body.session}`;
+      out.append("started: ", run, " · ", view);
+    } catch (err) {
+      button.disabled = false;
+      out.textContent = `failed: ${err}`;
     }
   });
 });
@@ -158,6 +255,7 @@ def index_page(microscopes: list[dict[str, Any]], links: Links, *, user: str) ->
         parts.append(
             f"<h2>{escape(scope['name'])} <span class='muted'>({escape(scope['id'])})</span>"
             f" · {_ext(links.dag(scope['dag_id']), scope['dag_id'])}</h2>"
+            f'<p><a href="{escape(links.index)}start/{escape(scope["id"])}">Start a session</a></p>'
         )
         rows = scope["sessions"]
         if not rows:
@@ -537,9 +635,22 @@ def session_page(
                  script=links.script)  # fmt: skip
 
 
+def start_page(scope_name: str, microscope: str, form: str, links: Links) -> str:
+    dag_id = f"session_{microscope}"
+    body = (
+        f'<p><a href="{escape(links.index)}">← all sessions</a></p>'
+        f"<h1>Start a session on {escape(scope_name)}</h1>"
+        f'<p class="muted">Triggers {_ext(links.dag(dag_id), dag_id)}'
+        " (switched on if it is off). The defaults come from the microscope's configuration; "
+        "optional fields may stay empty. Each value is checked as you leave its field.</p>"
+        f"{form}"
+    )
+    return _page(f"Start · {microscope}", body, script=links.script)
+
+
 def error_page(status: int, message: str, login: str | None) -> str:
     link = f'<p><a href="{escape(login)}" target="_top">Sign in to Airflow</a></p>' if login else ""
     return _page(f"{status}", f"<h1>{status}</h1><p>{escape(message)}</p>{link}")
 
 
-__all__ = ["ICON", "SCRIPT", "Links", "error_page", "index_page", "session_page"]
+__all__ = ["ICON", "SCRIPT", "Links", "error_page", "index_page", "session_page", "start_page"]
