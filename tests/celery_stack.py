@@ -82,14 +82,26 @@ class Component:
         return self.proc.poll() is None
 
     def group(self) -> list[int]:
-        """Pids of the component's process group (the task processes a worker forked too)."""
-        pids = []
+        """Live pids of the component: its process group and every descendant. Airflow's task
+        supervisor puts each task process in a process group of its own (``setpgid``), so the
+        worker's group alone misses the process that does the work."""
+        parents: dict[int, int] = {}
+        groups: dict[int, int] = {}
         for stat in Path("/proc").glob("[0-9]*/stat"):
             with suppress(OSError, ValueError, IndexError):
                 fields = stat.read_text().rsplit(")", 1)[1].split()
-                if int(fields[2]) == self.proc.pid and fields[0] not in "ZX":
-                    pids.append(int(stat.parent.name))
-        return pids
+                if fields[0] not in "ZX":
+                    pid = int(stat.parent.name)
+                    parents[pid], groups[pid] = int(fields[1]), int(fields[2])
+        found = {pid for pid, pgrp in groups.items() if pgrp == self.proc.pid}
+        if self.proc.pid in parents:
+            found.add(self.proc.pid)
+        grew = True
+        while grew:
+            more = {pid for pid, ppid in parents.items() if ppid in found} - found
+            found |= more
+            grew = bool(more)
+        return sorted(found)
 
     def runs(self, needle: str) -> bool:
         """Whether a process of this component has ``needle`` in its command line (the task
@@ -102,9 +114,19 @@ class Component:
         return False
 
     def kill(self) -> None:
-        """A node failure: SIGKILL to the whole group, nothing shuts down cleanly."""
-        with suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
+        """A node failure: SIGKILL to every process of the component at once (its group and
+        each descendant's group), nothing shuts down cleanly."""
+        pids = self.group()
+        groups = {self.proc.pid}
+        for pid in pids:
+            with suppress(OSError):
+                groups.add(os.getpgid(pid))
+        for pgrp in groups:
+            with suppress(ProcessLookupError, PermissionError):
+                os.killpg(pgrp, signal.SIGKILL)
+        for pid in pids:
+            with suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         with suppress(subprocess.TimeoutExpired):
             self.proc.wait(10)
 

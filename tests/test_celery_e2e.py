@@ -96,6 +96,14 @@ def _write_session(share: Path, name: str, truth: Path) -> None:
         mrc.set_data(rng.standard_normal(ATLAS_SHAPE, dtype=np.float32))
 
 
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in "ZX"
+
+
 def _ingest_instances(api: Any) -> list[dict[str, Any]]:
     """Every try of the ingest task in every run of the session DAG (newest runs last)."""
     runs = api.get(f"/dags/{DAG_ID}/dagRuns", params={"order_by": "run_after"}).json()
@@ -155,8 +163,17 @@ def test_a_worker_killed_mid_copy_loses_and_duplicates_nothing(
             f"the atlas copy to start {context}", copying, 240, interval=0.05
         )
         assert killed_ti["queue"] == QUEUE, killed_ti
+        task_pids = worker.group()
         worker.kill()
         assert not worker.alive()
+        # the task process too (it has a process group of its own); SIGKILL lands once a
+        # process leaves the disk write it is in
+        wait_for(
+            f"every process of the killed worker to end {task_pids}",
+            lambda: not [pid for pid in task_pids if _alive(pid)],
+            15,
+            interval=0.1,
+        )
         survivor = next(c for n, c in stack.components.items() if n in WORKERS and c is not worker)
         assert survivor.alive()
         session = wait_for("the session row", lambda: ledger.find_session(MICROSCOPE, name), 30)
