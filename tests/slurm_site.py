@@ -52,7 +52,8 @@ def slurm_site(slurm_services, cluster_engines, monkeypatch: pytest.MonkeyPatch)
     cfg = base / "config"
     (cfg / "microscopes").mkdir(parents=True)
     shutil.copy(ROOT / "tests" / "data" / "config-slurm" / "facility.yaml", cfg)
-    shutil.copy(ROOT / "config" / "microscopes" / "krios2.yaml", cfg / "microscopes")
+    for scope in ("krios1", "krios2"):  # EPU + Falcon (EER), SerialEM + K3 (TIFF)
+        shutil.copy(ROOT / "config" / "microscopes" / f"{scope}.yaml", cfg / "microscopes")
     for d in (base, base.parent):
         d.chmod(0o755)  # the cluster user must reach GPFS below it
     env = {
@@ -66,5 +67,9 @@ def slurm_site(slurm_services, cluster_engines, monkeypatch: pytest.MonkeyPatch)
         monkeypatch.setenv(key, value)
     (base / "gpfs").mkdir()
     (base / "gpfs").chmod(0o755)
-    yield {"base": base, "share": base / "share" / "krios2"}
+    yield {
+        "base": base,
+        "share": base / "share" / "krios2",
+        "share_krios1": base / "share" / "krios1",
+    }
     shutil.rmtree(base, ignore_errors=True)

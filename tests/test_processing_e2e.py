@@ -104,7 +104,12 @@ def test_session_is_processed_on_slurm_and_matches_the_truth(
         assert abs(est_df / true_df - 1) < 0.005, report
         assert 0.8 * n_true <= picks.results["particles"] <= 1.25 * n_true, report
     print(report)
+    _check_summary_and_star(slurm_site, session, ledger, movies, stages)
 
+
+def _check_summary_and_star(
+    slurm_site: dict, session: str, ledger: Ledger, movies: list, stages: dict
+) -> None:
     summary = json.loads(
         (slurm_site["base"] / "gpfs" / f"{datetime.now().year}" / session / "logs"
          / "session_summary.json").read_text()
@@ -138,3 +143,58 @@ def test_session_is_processed_on_slurm_and_matches_the_truth(
     session_root = star.parent.parent
     assert all((session_root / name).is_file() for name in rows["rlnMicrographName"])
     assert float(tables["optics"]["rlnVoltage"].iloc[0]) == 300.0
+
+
+def test_an_epu_eer_session_is_processed_on_slurm_and_matches_the_truth(
+    airflow_db, slurm_site, experiment_group, tmp_path
+) -> None:
+    """krios1 is EPU + Falcon 4i: EER movies (24 fractions of 16 raw frames each, grouped by the
+    -FmIntFile the pipeline writes), an EPU ``.gain``; the built-in engines on Slurm."""
+    session = "eer_e2e"
+    share = slurm_site["share_krios1"] / session
+    truth_dir = tmp_path / "truth"
+    movie_flags = "--movies 2 --frames 24 --size 1024x1024 --pixel-size 2.0 --dose-per-frame 1.0"
+    content = "--content synthetic --particles 40 --contrast 1.0 --ice 0.05 --seed 11"
+    subprocess.run(
+        [sys.executable, "-m", "cryoflow.simulator", "--layout", "epu", "--out", str(share),
+         "--truth-dir", str(truth_dir), *movie_flags.split(), *content.split(),
+         "--format", "eer", "--eer-group", "16", "--session-name", session],
+        check=True, capture_output=True, env={**os.environ, "PYTHONPATH": str(ROOT / "plugins")},
+        cwd=tmp_path,
+    )  # fmt: skip
+    conf = {
+        "session_name": session,
+        "unix_group": experiment_group,
+        "pixel_size_A": 2.0,
+        "dose_per_frame": 1.0,
+        "frames": 24,
+        "particle_diameter_A": 150.0,
+        "idle_timeout_minutes": 0.05,
+    }
+    runs = run_session(load_dag("session_krios1"), conf, process=load_dag("process_krios1"))
+    assert all(str(r.get_task_instance("process").state) == "success" for r in runs.processing)
+    ledger = Ledger(os.environ["CRYOFLOW_LEDGER_URL"])
+    movies = [f for f in ledger.files(1) if f.kind == str(FileKind.MOVIE)]
+    assert len(movies) == 2 and all(f.relpath.endswith(".eer") for f in movies), movies
+    stages = {(s.file_id, s.stage): s for s in ledger.stages([f.id for f in movies])}
+    report = []
+    for f in movies:
+        truth = json.loads((truth_dir / f"{f.relpath}.truth.json").read_text())["truth"]
+        mc, ctf, picks = (stages[(f.id, st)] for st in ("motioncor", "ctf", "picking"))
+        assert (mc.state, ctf.state, picks.state) == (StageState.DONE,) * 3, (mc.error, ctf.error)
+        assert mc.job_id.isdigit()  # a Slurm job
+        assert len(mc.results["shifts_px"]) == 24  # the fractions, not the 384 raw frames
+        drift_err = _rms_drift_error(mc.results["shifts_px"], truth["shifts_px"])
+        true_df = 0.5 * (truth["ctf"]["defocus1_A"] + truth["ctf"]["defocus2_A"])
+        est_df = 0.5 * (ctf.results["defocus1_A"] + ctf.results["defocus2_A"])
+        ny, nx = truth["specimen"]["shape"]
+        r = 150.0 / 2 / 2.0
+        n_true = sum(
+            r <= p["x"] <= nx - r and r <= p["y"] <= ny - r for p in truth["specimen"]["particles"]
+        )
+        report.append((f.relpath[-30:], drift_err, est_df / true_df - 1,
+                       picks.results["particles"], n_true))  # fmt: skip
+        assert drift_err < 0.2, report
+        assert abs(est_df / true_df - 1) < 0.005, report
+        assert 0.8 * n_true <= picks.results["particles"] <= 1.25 * n_true, report
+    print(report)

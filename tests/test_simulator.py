@@ -17,6 +17,9 @@ import pytest
 import tifffile
 from pydantic import ValidationError
 
+from cryoflow.engines.eer import read_fm_int_file
+from cryoflow.engines.imageio import open_movie
+from cryoflow.share.completeness import check_complete
 from cryoflow.share.layout import FileKind, Layout, MovieFormat, classify, metadata_for_movie
 from cryoflow.share.metadata import read_epu_xml, read_mdoc, read_mdoc_sections
 from cryoflow.simulator import Content, SimulatorConfig, main, simulate_session
@@ -80,6 +83,46 @@ def test_epu_session_layout_metadata_and_truth(tmp_path: Path) -> None:
     assert not any(p.endswith(".json") for p in _files(tmp_path / "share"))
     index = json.loads((cfg.truth_dir / "session.json").read_text())
     assert [m["relpath"] for m in index["movies"]] == [m.relpath for m in movies]
+
+
+def test_epu_falcon_eer_session_holds_the_tiff_fractions_as_raw_frames(tmp_path: Path) -> None:
+    common = dict(layout=Layout.EPU, movies=2, content=Content.SYNTHETIC, particles=2,
+                  diameter_A=40.0, eer_group=8)  # fmt: skip
+    eer_cfg = _config(tmp_path / "eer", format=MovieFormat.EER, **common)
+    tiff_cfg = _config(tmp_path / "tiff", format=MovieFormat.TIFF, **common)
+    eer_movies, tiff_movies = simulate_session(eer_cfg), simulate_session(tiff_cfg)
+    kinds = {rel: classify(rel, Layout.EPU) for rel in _files(eer_cfg.out)}
+    assert FileKind.OTHER not in kinds.values(), kinds
+    assert sorted(r for r, k in kinds.items() if k is FileKind.MOVIE) == sorted(
+        m.relpath for m in eer_movies
+    )
+    for em, tm in zip(eer_movies, tiff_movies, strict=True):
+        assert em.relpath.endswith("_EER.eer") and em.shape == (4, 96, 128)
+        assert metadata_for_movie(em.relpath, Layout.EPU) == [em.metadata_relpath]
+        assert read_epu_xml(eer_cfg.out / em.metadata_relpath).n_frames == 4
+        path = eer_cfg.out / em.relpath
+        with tifffile.TiffFile(path) as tif:
+            assert tif.is_bigtiff and tif.is_eer and len(tif.pages) == 32  # 4 fractions x 8
+            assert tif.pages[0].compression == 65001
+            assert tif.eer_metadata["numberOfFrames"] == 32
+            raw = tif.asarray()
+        assert raw.max() == 1  # one electron per pixel and raw frame at most
+        assert check_complete(path).frames == 32
+        doc = json.loads(Path(em.truth_path).read_text())
+        assert doc["eer"]["fm_int_file"] == "32 8 0.125\n"
+        assert doc["truth"] == json.loads(Path(tm.truth_path).read_text())["truth"]
+        fm = tmp_path / "fm.txt"
+        fm.write_text(doc["eer"]["fm_int_file"])
+        # Grouped as the truth's -FmIntFile says, the raw frames are the TIFF's fractions (less
+        # what no counting detector records: more electrons in a pixel than raw frames).
+        tiff = tifffile.imread(tiff_cfg.out / tm.relpath)
+        assert np.mean(tiff > 8) < 1e-3
+        tiff = np.minimum(tiff, 8)
+        with open_movie(path, fm_int=read_fm_int_file(fm)) as movie:
+            assert movie.shape == tiff.shape
+            for i in range(4):
+                assert np.array_equal(movie.frame(i), tiff[i])
+        assert np.array_equal(raw.reshape(4, 8, 96, 128).sum(axis=1), tiff)
 
 
 def test_serialem_mrc_session(tmp_path: Path) -> None:
@@ -170,23 +213,27 @@ def test_same_seed_same_movies(tmp_path: Path) -> None:
     assert not np.array_equal(a, c)
 
 
-@pytest.mark.parametrize("fmt", [MovieFormat.TIFF, MovieFormat.MRC])
+@pytest.mark.parametrize("fmt", [MovieFormat.TIFF, MovieFormat.MRC, MovieFormat.EER])
 def test_movie_is_visible_while_being_written(tmp_path: Path, fmt: MovieFormat) -> None:
-    cfg = _config(tmp_path, layout=Layout.EPU, movies=1, frames=8, write_seconds=1.6, format=fmt)
+    cfg = _config(
+        tmp_path, layout=Layout.EPU, movies=1, frames=8, write_seconds=1.6, format=fmt, eer_group=8
+    )
+    pages_per_frame = 8 if fmt is MovieFormat.EER else 1
     result: list = []
     thread = threading.Thread(target=lambda: result.extend(simulate_session(cfg)))
     thread.start()
     partial = None
     deadline = time.monotonic() + 10
     while thread.is_alive() and time.monotonic() < deadline:
-        movies = list((cfg.out).rglob("*_Fractions.*"))
+        movies = list((cfg.out).rglob("*_Fractions.*")) + list(cfg.out.rglob("*_EER.eer"))
         if movies and not list(movies[0].parent.glob("*.xml")):
             size = movies[0].stat().st_size
             if size > 0:
                 partial = (movies[0], size)
-                if fmt is MovieFormat.TIFF:
-                    pages = len(tifffile.TiffFile(movies[0]).pages)
-                    if 0 < pages < 8:
+                if fmt is not MovieFormat.MRC:
+                    with tifffile.TiffFile(movies[0]) as tif:
+                        pages = len(tif.pages)
+                    if 0 < pages < 8 * pages_per_frame:
                         break
                 else:
                     with pytest.raises(ValueError):  # header promises more than is there
@@ -202,11 +249,25 @@ def test_movie_is_visible_while_being_written(tmp_path: Path, fmt: MovieFormat) 
     assert (cfg.out / movie.metadata_relpath).exists()
 
 
-def test_config_refuses_truth_inside_the_share_and_eer(tmp_path: Path) -> None:
+def test_config_refuses_truth_inside_the_share_and_eer_beyond_counting(tmp_path: Path) -> None:
     with pytest.raises(ValidationError, match="must not be inside the share"):
         SimulatorConfig(layout="epu", out=tmp_path, truth_dir=tmp_path / "truth")
-    with pytest.raises(ValidationError, match="EER cannot be written"):
-        SimulatorConfig(layout="epu", out=tmp_path / "s", format="eer")
+    # 1 e/A^2 at 2 A/px is 4 e/px per fraction: 16 raw frames (0.25 e/px) do, 8 do not.
+    SimulatorConfig(layout="epu", out=tmp_path / "s", format="eer", pixel_size_A=2.0)
+    with pytest.raises(ValidationError, match="e/px per raw frame"):
+        SimulatorConfig(
+            layout="epu", out=tmp_path / "s", format="eer", pixel_size_A=2.0, eer_group=8
+        )
+
+
+def test_cli_writes_eer(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    share = tmp_path / "s"
+    argv = ["--out", str(share), "--format", "eer", "--eer-group", "4", "--frames", "2",
+            "--movies", "1", "--size", "32x48"]  # fmt: skip
+    assert main(argv) == 0
+    first = json.loads(capsys.readouterr().out.splitlines()[0])
+    with tifffile.TiffFile(share / first["relpath"]) as tif:
+        assert tif.is_eer and len(tif.pages) == 8 and tif.pages[0].shape == (32, 48)
 
 
 def test_cli_rejects_bad_size(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

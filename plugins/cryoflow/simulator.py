@@ -2,7 +2,7 @@
 
 Why: the pipeline's hardest cases happen on the share, not in the maths — movies that are still
 being written, metadata that lands after its movie, a gain reference that appears once, odd
-names. This simulator reproduces them with real files (readable MRC/TIFF movies, XML/mdoc as the
+names. This simulator reproduces them with real files (readable MRC/TIFF/EER movies, XML/mdoc as the
 programs write them) and keeps a ground truth per movie (defocus, drift, particles) in a separate
 folder, so end-to-end tests can compare what the pipeline found with what was put there.
 
@@ -13,10 +13,17 @@ What a session looks like on disk, and what is simplified:
   JPG) are written after the movie, atomically, as the programs do. One gain reference is
   written (atomically) before the first movie.
 * EPU: a Falcon-4i-like instrument writing ``_Fractions.tiff``/``_Fractions.mrc`` (not
-  gain-normalised) with the gain as ``<date>_<time>_EER_GainReference.gain`` (a float32 TIFF, as
-  real ``.gain`` files are). EER itself is not written: no package on the registry encodes EER,
-  and an invented encoder would only test itself. No atlas and no integrated ``.mrc`` beside
-  each movie (the pipeline does not use them); EpuSession.dm is a minimal document.
+  gain-normalised) or ``_EER.eer``, with the gain as ``<date>_<time>_EER_GainReference.gain`` (a
+  float32 TIFF, as real ``.gain`` files are; here multiplicative like every gain this pipeline
+  uses, whereas RELION treats real EPU ``.gain`` files as the inverse). No atlas and no
+  integrated ``.mrc`` beside each movie (the pipeline does not use them); EpuSession.dm is a
+  minimal document.
+* EER (``format="eer"``, either layout): each of the ``frames`` fractions is written as
+  ``eer_group`` raw frames (pages) by :mod:`cryoflow.engines.eer`'s encoder; a fraction's counts
+  are dealt to distinct raw frames at random (at most one electron per pixel per raw frame, as a
+  Falcon records them), with random sub-pixel positions. The drift is the fraction's for all its
+  raw frames, so ``shifts_px`` in the truth (one row per fraction) is exactly what MotionCor2 with
+  the truth's ``eer.fm_int_file`` must find.
 * SerialEM: ``<name>_<NNNNN>_<Mon><DD>_<HH.MM.SS>.tif|.mrc`` with ``.tif.mdoc`` beside it, the
   gain as ``CountRef_<first movie>.mrc`` (a K3 would give ``.dm4``, which no registry package
   writes), and the frame sums appended to a growing ``<name>.mrc`` whose ``.mrc.mdoc`` is
@@ -62,7 +69,8 @@ from cryoflow.engines.synthetic import (
     write_gain_mrc,
     write_truth_json,
 )
-from cryoflow.share.layout import FileKind, Layout, MovieFormat, classify
+from cryoflow.share.layout import FileKind, Layout, MovieFormat, classify, metadata_for_movie
+from cryoflow.tools.motioncor2 import fm_int_file_text
 
 __all__ = ["Content", "SimulatedMovie", "SimulatorConfig", "main", "simulate_session"]
 
@@ -91,6 +99,7 @@ class SimulatorConfig(BaseModel):
     format: MovieFormat = MovieFormat.TIFF
     seed: int = 0
     content: Content = Content.NOISE
+    eer_group: int = Field(16, ge=1, description="EER: raw frames per fraction (-FmIntFile)")
     defocus_range_um: tuple[float, float] = Field(
         (0.8, 2.5), description="nominal underfocus targets, spread evenly (EPU defocus list)"
     )
@@ -119,18 +128,15 @@ class SimulatorConfig(BaseModel):
             raise ValueError(f"movie size {v[0]}x{v[1]} is too small (at least 16x16)")
         return v
 
-    @field_validator("format")
-    @classmethod
-    def _format_ok(cls, v: MovieFormat) -> MovieFormat:
-        if v is MovieFormat.EER:
-            raise ValueError(
-                "EER cannot be written: no registry package encodes it; use tiff (as a Falcon "
-                "writing TIFF fractions) or mrc"
-            )
-        return v
-
     @model_validator(mode="after")
     def _checks(self) -> SimulatorConfig:
+        raw_e_per_px = self.dose_per_frame * self.pixel_size_A**2 / self.eer_group
+        if self.format is MovieFormat.EER and raw_e_per_px > _EER_MAX_E_PER_PX:
+            raise ValueError(
+                f"EER: {raw_e_per_px:.3g} e/px per raw frame (dose per frame x pixel^2 / "
+                f"eer_group) is more than a counting detector records without losing electrons "
+                f"({_EER_MAX_E_PER_PX}); raise eer_group"
+            )
         if (
             self.layout is Layout.SERIALEM
             and classify(f"{self.session_name}.mrc", Layout.SERIALEM) is FileKind.MOVIE
@@ -247,6 +253,47 @@ class _TiffStream:
         self.fh.close()
 
 
+_EER_MAX_E_PER_PX = 0.25  # per raw frame; a Falcon 4 records ~0.01-0.05
+
+
+class _EerStream:
+    """Writes each fraction as ``group`` EER raw frames (pages), dealing its counts out at random.
+
+    A pixel with ``k`` counts gets one electron in each of ``k`` distinct raw frames, chosen
+    uniformly (sequential selection: frame ``j`` takes one with probability remaining / frames
+    left), so no raw frame holds two electrons in a pixel. Counts above ``group`` cannot be
+    recorded (coincidence loss): the caller clips them first, so the sum it keeps is the file's.
+    """
+
+    def __init__(
+        self,
+        fh: BinaryIO,
+        shape: tuple[int, int, int],
+        group: int,
+        rng: np.random.Generator,
+        metadata: dict[str, Any],
+    ):
+        from cryoflow.engines.eer import EerWriter
+
+        self.group, self.rng = group, rng
+        self.writer = EerWriter(fh, shape[1:], metadata)
+
+    def write(self, frame: np.ndarray) -> None:
+        flat = frame.ravel()
+        hit = np.flatnonzero(flat)  # only pixels with electrons draw random numbers
+        left = flat[hit].astype(np.int16)
+        for j in range(self.group):
+            take = self.rng.random(hit.size, dtype=np.float32) * (self.group - j) < left
+            left -= take
+            # Uniform stored codes are uniform sub-pixel positions (the XOR is a bijection).
+            sub = self.rng.integers(0, 16, int(np.count_nonzero(take)), dtype=np.uint8)
+            self.writer.write_hits(hit[take], sub)
+
+    def close(self) -> None:
+        self.writer.close()
+        self.writer.fh.close()
+
+
 def _write_progressively(
     path: Path,
     frames: np.ndarray | _NoiseFrames,
@@ -254,17 +301,24 @@ def _write_progressively(
     pixel_size_A: float,
     seconds: float,
     stop: threading.Event,
+    eer: tuple[int, np.random.Generator, dict[str, Any]] | None = None,
 ) -> np.ndarray | None:
     """Write ``frames`` to ``path`` (final name) spread over ``seconds``.
 
-    Returns the sum of the frames, or None if ``stop`` was set before the movie was complete.
+    ``eer``: (raw frames per fraction, generator, metadata) for EER. Returns the sum of the
+    frames, or None if ``stop`` was set before the movie was complete.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     shape = (len(frames), *frames.shape[1:])
     fh = open(path, "wb")  # noqa: SIM115 - closed by the stream
+    stream: _MrcStream | _TiffStream | _EerStream
     if fmt is MovieFormat.MRC:
         dtype = np.uint16 if frames.dtype == np.uint8 else frames.dtype  # MRC has no uint8
-        stream: _MrcStream | _TiffStream = _MrcStream(fh, shape, dtype, pixel_size_A)
+        stream = _MrcStream(fh, shape, dtype, pixel_size_A)
+    elif fmt is MovieFormat.EER:
+        if eer is None:
+            raise ValueError("EER needs the raw frames per fraction")
+        stream = _EerStream(fh, shape, *eer)
     else:
         stream = _TiffStream(fh, int(np.prod(shape)) * np.dtype(frames.dtype).itemsize)
     total = np.zeros(shape[1:], dtype=np.uint32)
@@ -274,6 +328,8 @@ def _write_progressively(
         for i, frame in enumerate(frames):
             if stop.is_set():
                 return None
+            if eer is not None:
+                frame = np.minimum(frame, eer[0])  # at most one electron per raw frame
             stream.write(frame)
             total += frame
             delay = start + (i + 1) * per_frame - time.monotonic()
@@ -627,24 +683,23 @@ class _Session:
 
     # names ---------------------------------------------------------------
     def movie_relpath(self, index: int, when: datetime) -> str:
-        ext = ".mrc" if self.cfg.format is MovieFormat.MRC else ".tiff"
+        fmt = self.cfg.format
         if self.cfg.layout is Layout.EPU:
+            suffix = {MovieFormat.MRC: "_Fractions.mrc", MovieFormat.EER: "_EER.eer"}
             square = 8_999_100 + index // self.cfg.holes_per_square
             hole = 9_015_800 + index
             stamp = when.strftime("%Y%m%d_%H%M%S")
             return (
                 f"Images-Disc1/GridSquare_{square}/Data/"
-                f"FoilHole_{hole}_Data_9017347_{index % 9 + 1}_{stamp}_Fractions{ext}"
+                f"FoilHole_{hole}_Data_9017347_{index % 9 + 1}_{stamp}"
+                f"{suffix.get(fmt, '_Fractions.tiff')}"
             )
-        ext = ".mrc" if self.cfg.format is MovieFormat.MRC else ".tif"
+        ext = {MovieFormat.MRC: ".mrc", MovieFormat.EER: ".eer"}.get(fmt, ".tif")
         stamp = when.strftime("%b%d_%H.%M.%S")
         return f"{self.cfg.session_name}_{index + 1:05d}_{stamp}{ext}"
 
     def metadata_relpath(self, movie_relpath: str) -> str:
-        if self.cfg.layout is Layout.EPU:
-            stem = movie_relpath.rsplit("_Fractions", 1)[0]
-            return stem + ".xml"
-        return movie_relpath + ".mdoc"
+        return metadata_for_movie(movie_relpath, self.cfg.layout)[0]
 
     # side files ----------------------------------------------------------
     def begin(self, gain: np.ndarray | None, first_movie: str) -> None:
@@ -781,8 +836,19 @@ def simulate_session(
         when = start_wall + timedelta(seconds=time.monotonic() - t0)
         relpath = session.movie_relpath(index, when)
         session.before_movie(index, when)
+        eer = None
+        n_raw = cfg.frames * cfg.eer_group
+        if cfg.format is MovieFormat.EER:
+            meta = {
+                "numberOfFrames": n_raw,
+                "sensorImageWidth": cfg.size[1],
+                "sensorImageHeight": cfg.size[0],
+                "exposureTime": cfg.exposure_time_s,
+                "totalDose": cfg.dose_per_frame * cfg.frames,
+            }
+            eer = (cfg.eer_group, np.random.default_rng([cfg.seed, index, 65001]), meta)
         total = _write_progressively(
-            cfg.out / relpath, frames, cfg.format, cfg.pixel_size_A, cfg.write_seconds, stop
+            cfg.out / relpath, frames, cfg.format, cfg.pixel_size_A, cfg.write_seconds, stop, eer
         )
         if total is None:
             break
@@ -802,6 +868,7 @@ def simulate_session(
                     "target_defocus_A": target_um * 1e4,
                     "defocus_A": defocus_A,
                     "truth": truth,
+                    **({"eer": _eer_truth(cfg)} if cfg.format is MovieFormat.EER else {}),
                 },
             )
         movie = SimulatedMovie(
@@ -819,6 +886,17 @@ def simulate_session(
         if on_movie is not None:
             on_movie(movie)
     return done
+
+
+def _eer_truth(cfg: SimulatorConfig) -> dict[str, Any]:
+    """How the EER's raw frames make the truth's fractions (an -FmIntFile that recovers them)."""
+    n_raw, dose = cfg.frames * cfg.eer_group, cfg.dose_per_frame / cfg.eer_group
+    return {
+        "raw_frames": n_raw,
+        "group": cfg.eer_group,
+        "dose_per_raw_frame_e_per_A2": dose,
+        "fm_int_file": fm_int_file_text(n_raw, cfg.eer_group, dose),
+    }
 
 
 def _write_index(cfg: SimulatorConfig, session: _Session, done: list[SimulatedMovie]) -> None:
@@ -860,7 +938,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--frames", type=int, default=20)
     p.add_argument("--size", type=_size, default=(1024, 1024), help="NYxNX pixels")
     p.add_argument("--pixel-size", type=float, default=1.0, help="Angstrom per pixel")
-    p.add_argument("--format", choices=["tiff", "mrc"], default="tiff")
+    p.add_argument("--format", choices=[v.value for v in MovieFormat], default="tiff")
+    p.add_argument("--eer-group", type=int, default=16, help="EER: raw frames per fraction")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--content", choices=[v.value for v in Content], default="noise")
     p.add_argument(
@@ -902,6 +981,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             size=args.size,
             pixel_size_A=args.pixel_size,
             format=args.format,
+            eer_group=args.eer_group,
             seed=args.seed,
             content=args.content,
             defocus_range_um=tuple(args.defocus_range),

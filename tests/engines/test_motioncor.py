@@ -353,7 +353,7 @@ def test_refuses_eer_with_a_pointer_to_the_real_tool(tmp_path, capsys):
     eer.write_bytes(b"II*\x00" + os.urandom(64))
     _run_expect_error(
         tmp_path, ["-InEer", str(eer), "-OutMrc", str(tmp_path / "o.mrc")], capsys,
-        "EER is not supported by the built-in engine",
+        "give -FmIntFile",
     )  # fmt: skip
 
 

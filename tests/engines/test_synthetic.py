@@ -159,3 +159,128 @@ def test_cli_writes_movie_gain_and_truth(tmp_path, capsys) -> None:
     assert mrcfile.read(tmp_path / "gain.mrc").shape == (128, 192)
     assert syn.main([str(tmp_path / "movie.png")]) == 2
     assert "unsupported movie extension" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- distractors
+
+CTF = CTFParams(defocus1_A=15_150.0, defocus2_A=14_850.0, astig_angle_deg=30.0)
+APIX, DIAM_A = 1.5, 180.0
+R_PX = DIAM_A / APIX / 2.0
+
+
+def _dirty(distractors: syn.Distractors, seed: int = 3, n: int = 30, size: int = 1536, **kw):
+    return syn.make_micrograph(
+        (size, size),
+        APIX,
+        CTF,
+        dose_total=50 * APIX**2,
+        contrast=0.1,
+        rng=_rng(seed),
+        diameter_A=DIAM_A,
+        n_particles=n,
+        distractors=distractors,
+        **kw,
+    )
+
+
+def _xy(objs: list[syn.Particle]) -> np.ndarray:
+    return np.array([[o.x, o.y] for o in objs]).reshape(-1, 2)
+
+
+def test_without_distractors_the_images_are_those_of_before() -> None:
+    # Other tests and the simulator rely on a seed giving the same micrograph as before.
+    kw = {"n_particles": 10, "diameter_A": 150.0, "n_specks": 5, "n_contaminants": 1}
+    a, ta = syn.make_micrograph((1024, 1024), 1.5, CTF, rng=_rng(4), **kw)
+    b, tb = syn.make_micrograph((1024, 1024), 1.5, CTF, rng=_rng(4), distractors=None, **kw)
+    assert np.array_equal(a, b) and ta == tb
+    assert not (ta.excluded or ta.aggregates or ta.ethane or ta.junk) and ta.carbon is None
+    # Pinned from the generator before distractors existed: a change in the draws shows here.
+    assert float(a[100:110, 200:210].sum()) == 4126.0
+
+
+def test_carbon_is_dark_and_only_particles_in_the_ice_count() -> None:
+    img, truth = _dirty(syn.Distractors(carbon=True, carbon_particles=6, carbon_darkening=0.15))
+    edge = truth.carbon
+    assert edge is not None and len(truth.excluded) == 6
+    yy, xx = np.mgrid[0 : img.shape[0], 0 : img.shape[1]]
+    d = edge.distance(xx, yy)
+    assert 0.1 < (d > 0).mean() < 0.5  # the arc crosses the image
+    ratio = img[d > 50].mean() / img[d < -50].mean()
+    assert ratio == pytest.approx(0.85, abs=0.02)
+    p, e = _xy(truth.particles), _xy(truth.excluded)
+    assert np.all(edge.distance(p[:, 0], p[:, 1]) < -(R_PX + 0.5 * 2 * R_PX))  # clearance
+    assert np.all(edge.distance(e[:, 0], e[:, 1]) > R_PX)  # wholly on the carbon
+
+
+def test_ethane_aggregates_and_junk_are_recorded_where_they_are_drawn() -> None:
+    dis = syn.Distractors(n_ethane=2, n_aggregates=2, n_junk=20, ethane_darkening=0.5)
+    img, truth = _dirty(dis, n=20, size=2048)
+    assert len(truth.ethane) == 2 and len(truth.aggregates) == 2 and len(truth.junk) == 20
+    mean = img.mean()
+    for e in truth.ethane:
+        assert 2.5 * DIAM_A <= e.diameter_A <= 5.0 * DIAM_A
+        core = img[round(e.y) - 5 : round(e.y) + 5, round(e.x) - 5 : round(e.x) + 5].mean()
+        assert core / mean < 0.6  # 50 % darker at the centre, less the mean's own dip
+    members = _xy(truth.excluded)
+    assert 8 <= len(members) <= 16  # 4-8 each
+    d = np.hypot(*(members[:, None] - members[None]).transpose(2, 0, 1))
+    np.fill_diagonal(d, np.inf)
+    assert np.all(d.min(axis=1) <= 0.95 * 2 * R_PX)  # each member touches another one
+    assert d.min() >= 0.7 * 2 * R_PX
+    p = _xy(truth.particles)
+    for a in truth.aggregates + truth.ethane:
+        gap = np.hypot(p[:, 0] - a.x, p[:, 1] - a.y) - a.diameter_A / APIX / 2 - R_PX
+        assert gap.min() >= 0.5 * 2 * R_PX - 1e-6  # clearance
+    for j in truth.junk:
+        assert 0.2 * DIAM_A <= j.diameter_A <= 0.45 * DIAM_A
+
+
+def test_gradient_and_ice_change_the_background_only() -> None:
+    clean, _ = _dirty(syn.Distractors(), n=10)
+    ramp, _ = _dirty(syn.Distractors(gradient=0.3), n=10)
+    ice, _ = _dirty(syn.Distractors(ice=0.5), n=10)
+    # A 30 % ramp end to end: the block means span about that (less near the corners' mix).
+    blocks = ramp.reshape(8, 192, 8, 192).mean(axis=(1, 3))
+    assert 0.15 < (blocks.max() - blocks.min()) / ramp.mean() < 0.45
+    assert clean.reshape(8, 192, 8, 192).mean(axis=(1, 3)).std() / clean.mean() < 0.01
+    # Random ice under the CTF: more power at mid frequencies than shot noise alone.
+    assert ice.std() > 1.05 * clean.std()
+
+
+def test_particle_contrast_is_the_darkening_over_the_image_std() -> None:
+    img, truth = _dirty(syn.Distractors(), n=20)
+    c = syn.particle_contrast(img, truth)
+    img2, truth2 = _dirty(syn.Distractors(), n=20, seed=3)
+    assert c == syn.particle_contrast(img2, truth2)
+    low, tl = syn.make_micrograph(
+        (1536, 1536),
+        APIX,
+        CTF,
+        dose_total=50 * APIX**2,
+        contrast=0.05,
+        rng=_rng(3),
+        diameter_A=DIAM_A,
+        n_particles=20,
+    )
+    assert 0.05 < c < 0.1 and syn.particle_contrast(low, tl) == pytest.approx(c / 2, rel=0.35)
+
+
+def test_distractors_refuse_bad_values() -> None:
+    with pytest.raises(ValueError, match="counts must be >= 0"):
+        syn.Distractors(n_junk=-1)
+    with pytest.raises(ValueError, match="aggregate_members"):
+        syn.Distractors(aggregate_members=(1, 3))
+
+
+def test_cli_adds_distractors_in_frame_coordinates(tmp_path, capsys) -> None:
+    out = tmp_path / "movie.mrc"
+    argv = [str(out), "--size", "768", "768", "--frames", "2", "--particles", "3", "--diameter",
+            "60", "--distractors", "carbon,ethane,junk", "--seed", "2"]  # fmt: skip
+    assert syn.main(argv) == 0
+    spec = json.loads((tmp_path / "movie.mrc.truth.json").read_text())["specimen"]
+    assert spec["carbon"] is not None and len(spec["ethane"]) == 1 and len(spec["junk"]) >= 1
+    assert len(spec["excluded"]) == 1  # one particle on the carbon (20 per 4096^2, at least 1)
+    for obj in spec["particles"] + spec["junk"]:
+        assert 0 <= obj["x"] < 768 and 0 <= obj["y"] < 768
+    assert syn.main([*argv[:-4], "--distractors", "snow"]) == 2
+    assert "unknown distractor kinds ['snow']" in capsys.readouterr().err

@@ -252,6 +252,35 @@ def test_eer_is_checked_as_tiff(tmp_path: Path) -> None:
     _incomplete(check_complete(path), "page 12 IFD")
 
 
+def _eer(path: Path, frames: list[np.ndarray], metadata: dict) -> Path:
+    from cryoflow.engines.eer import EerWriter
+
+    with path.open("wb") as fh:
+        writer = EerWriter(fh, frames[0].shape, metadata)
+        for frame in frames:
+            writer.write(frame)
+        writer.close()  # the last IFD says "no next page": the chain ends cleanly
+    return path
+
+
+def test_an_eer_cut_between_pages_is_incomplete_when_its_metadata_says_so(
+    tmp_path: Path,
+) -> None:
+    """A writer that leaves the IFD chain closed after each page (every IFD whole, "next" 0):
+    a TIFF reader sees a whole, shorter movie; only the metadata's numberOfFrames tells."""
+    rng = np.random.default_rng(0)
+    frames = [(rng.random((64, 64)) < 0.05).astype(np.uint8) for _ in range(12)]
+    whole = _eer(tmp_path / "whole_EER.eer", frames, {"numberOfFrames": 12})
+    assert check_complete(whole) == Completeness(Verdict.COMPLETE, "12 pages", 12)
+    paused = _eer(tmp_path / "paused_EER.eer", frames[:5], {"numberOfFrames": 12})
+    with tifffile.TiffFile(paused) as tif:
+        assert len(tif.pages) == 5
+    _incomplete(check_complete(paused), "EER has 5 pages, its metadata says 12 frames")
+    # without numberOfFrames nothing tells: the settle time decides, as for any TIFF
+    bare = _eer(tmp_path / "bare_EER.eer", frames[:5], {})
+    assert check_complete(bare) == Completeness(Verdict.COMPLETE, "5 pages", 5)
+
+
 # --- MRC -----------------------------------------------------------------------------------------
 
 

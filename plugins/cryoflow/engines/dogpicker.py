@@ -15,6 +15,15 @@ Where this engine differs from Appion, and why:
   deviation, not from the plain standard deviation. So one ice crystal cannot raise every
   threshold on the micrograph. For the same reason a bright, isolated particle scores high, so
   the default ``--max-thresh`` is 6, not 1.5.
+* A plane fitted to the background by least median of squares is taken off first, so an ice
+  gradient neither looks like carbon at its dark end nor puts a ridge along the image edges.
+* Carbon film, ethane/ice contamination and thick aggregates are masked from the local mean:
+  they scatter electrons out of the aperture and are darker than the ice at every scale, which
+  a particle (phase contrast, almost no mean) is not. The level adapts to each micrograph: many
+  robust spreads of the local-mean map, at least 1.5 pixel noise spreads, and 3 % of the mean
+  intensity when the micrograph is in counts. Masked regions are painted out with the ice
+  level. By the usual convention nothing on carbon, in contamination or in an aggregate is
+  picked; a particle on an aggregate's rim may still be (see the tests' distractor catalogue).
 * Blobs larger than ``--max-area`` (contamination) are painted out with the background level, and
   the maps are made again. Otherwise the dark rim of an ice crystal hides the particles beside it.
   Dense specks (gold, ferritin, stain grains) are found on a scale space and painted out the same
@@ -39,10 +48,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from scipy import fft as sfft
-from scipy import ndimage
-from scipy.optimize import linear_sum_assignment
-from scipy.spatial import cKDTree
 
 from cryoflow.engines.imageio import ImageReadError, atomic_path, open_movie
 
@@ -70,7 +75,7 @@ MIN_DIAMETER_PX = 4.0
 SIZE_CALIBRATION = 0.60
 #: The size-measuring scale space, in Voss radii relative to the particle radius, and its step.
 SIZE_SCALES = (0.1, 1.65)
-SIZE_SCALE_STEP = 1.2
+SIZE_SCALE_STEP = 1.3
 #: Picks whose centre is closer to the edge than this many radii are dropped. Appion uses a
 #: full radius; a particle whose centre lies exactly one radius in is whole, and the binned peak
 #: of such a particle can land a little outside, so the cut is made a quarter radius further out.
@@ -84,6 +89,21 @@ SPECK_SIGNIFICANCE = 10.0
 SPECK_GROWTH_RADII = 0.25
 #: Contaminant masks are grown by this many particle radii, to cover the rim of the blob too.
 MASK_GROWTH_RADII = 1.5
+#: Carbon and ethane: local means this many robust spreads (of the local-mean map) above the
+#: ice, and at least this fraction of the mean intensity darker than it, are masked; the mask
+#: is grown by this many radii over the soft edge and the CTF fringes.
+DARK_SIGNIFICANCE = 8.0
+DARK_MIN_FRACTION = 0.03
+#: ... and by at least this many robust standard deviations of a binned pixel (shot noise):
+#: particles darken by well under one, carbon by several. The local mean is a Gaussian of this
+#: many radii: wide enough to average the noise, narrow enough to follow an ethane blob's edge.
+DARK_MIN_NOISE = 1.5
+DARK_SMOOTHING_RADII = 0.5
+#: Dark regions must reach the level on a local mean this many radii wide too (seeds).
+DARK_CORE_RADII = 2.0
+DARK_GROWTH_RADII = 1.5
+#: Random planes tried by the robust (least median of squares) background fit.
+PLANE_TRIALS = 200
 
 
 #: Preview file suffix -> Pillow format.
@@ -226,6 +246,8 @@ def _smooth_background(image: np.ndarray, scale_px: float) -> np.ndarray:
     It is made on a coarse grid (block means, then a small blur, then linear interpolation
     back), so the cost does not grow with the scale.
     """
+    from scipy import ndimage
+
     c = max(1, int(scale_px / 2))
     coarse = ndimage.gaussian_filter(_bin_image(image, c), 2.0, mode="nearest")
     ny, nx = image.shape
@@ -234,6 +256,79 @@ def _smooth_background(image: np.ndarray, scale_px: float) -> np.ndarray:
     rows = np.array([np.interp(gx, np.arange(coarse.shape[1]), row) for row in coarse])
     cols = np.array([np.interp(gy, np.arange(coarse.shape[0]), col) for col in rows.T]).T
     return cols.astype(np.float32)
+
+
+def _remove_plane(image: np.ndarray, cell_px: float) -> np.ndarray:
+    """The image less a fitted plane: ice-thickness gradients and beam tilt.
+
+    DoG filters ignore a plane, but the masks do not: a ramp would look like carbon at its
+    dark end. The plane is fitted to block means by least median of squares (the best of
+    PLANE_TRIALS planes through three random blocks), so carbon or ethane covering up to half the
+    image does not tilt it, then refined by least squares on the blocks that lie on it.
+    """
+    c = max(1, int(cell_px))
+    coarse = _bin_image(image, c).astype(np.float64)
+    gy, gx = np.mgrid[0 : coarse.shape[0], 0 : coarse.shape[1]]
+    a = np.column_stack([np.ones(coarse.size), gx.ravel(), gy.ravel()])
+    z = coarse.ravel()
+    rng = np.random.default_rng(0)  # the same micrograph always gets the same plane
+    trios = rng.integers(0, z.size, size=(PLANE_TRIALS, 3))
+    m = a[trios]
+    ok = np.abs(np.linalg.det(m)) > 1e-6
+    if ok.sum() == 0:
+        return image
+    coefs = np.linalg.solve(m[ok], z[trios[ok]][..., None])[..., 0]
+    med = np.median(np.abs(z[None, :] - coefs @ a.T), axis=1)
+    best = coefs[int(np.argmin(med))]
+    resid = z - a @ best
+    keep = np.abs(resid) <= 2.5 * 1.4826 * float(med.min()) + 1e-12
+    if keep.sum() >= 3:
+        best = np.linalg.lstsq(a[keep], z[keep], rcond=None)[0]
+    ny, nx = image.shape
+    # Block j covers pixels [j*c, (j+1)*c), centred on j*c + (c-1)/2.
+    yy = (np.arange(ny, dtype=np.float64) - (c - 1) / 2.0) / c
+    xx = (np.arange(nx, dtype=np.float64) - (c - 1) / 2.0) / c
+    plane = best[0] + best[1] * xx[None, :] + best[2] * yy[:, None]
+    return (image - plane).astype(np.float32)
+
+
+def _dark_region_mask(
+    image: np.ndarray, radius_px: float, pixel_noise: float, intensity: float | None
+) -> np.ndarray | None:
+    """Carbon film and ethane/ice contamination: regions whose local mean is far off the ice's.
+
+    ``image`` is inverted (matter bright), the ice level at 0 (:func:`_remove_plane`). Both
+    scatter electrons out of the aperture, so they are darker than the ice at every scale,
+    which particles (phase contrast, almost no mean) are not. A pixel is masked when its local
+    mean (a Gaussian of DARK_SMOOTHING_RADII radii) stands above the ice by DARK_SIGNIFICANCE
+    robust spreads of that map, by DARK_MIN_NOISE ``pixel_noise`` (a pixel's robust std) and,
+    where the micrograph is in counts (``intensity``, its mean), by DARK_MIN_FRACTION of the
+    mean intensity, so particles and gentle ice variations are not; and it must belong to a
+    region that reaches the level on a mean DARK_CORE_RADII wide as well. One-sided, so where
+    carbon covers most of the image it is picked on rather than the ice being masked.
+    """
+    from scipy import ndimage
+
+    low = ndimage.gaussian_filter(image, DARK_SMOOTHING_RADII * radius_px, mode="nearest")
+    # The ice level is 0 (see _remove_plane). Its spread comes from the side away from the dark
+    # regions only, so carbon covering a third of the image does not widen it.
+    below = -low[low <= 0.0]
+    spread = 1.4826 * float(np.median(below)) if below.size > 100 else float(low.std())
+    level = max(DARK_SIGNIFICANCE * spread, DARK_MIN_NOISE * pixel_noise)
+    if intensity is not None:
+        level = max(level, DARK_MIN_FRACTION * intensity)
+    # Seeds on a wider local mean, where a particle's own dip is diluted far below the level
+    # (a dense field of them at high dose, or a dose-weighted zero-mean image, must not be masked)
+    # but carbon and ethane, being larger, are not; the mask then follows the narrow map out.
+    core = _smooth_background(image, DARK_CORE_RADII * radius_px) > level
+    if not core.any():
+        return None
+    labels, _ = ndimage.label(low > 0.5 * level)
+    seeded = np.unique(labels[core & (labels > 0)])
+    if seeded.size == 0:
+        return None
+    mask = ndimage.binary_fill_holes(np.isin(labels, seeded))
+    return ndimage.distance_transform_edt(~mask) <= DARK_GROWTH_RADII * radius_px
 
 
 class _GaussianSpace:
@@ -246,12 +341,14 @@ class _GaussianSpace:
     """
 
     def __init__(self, image: np.ndarray, max_sigma: float, background_px: float) -> None:
+        from scipy import fft as sfft
+
         ny, nx = image.shape
         self.shape = (ny, nx)
         self.pad = min(int(math.ceil(3.0 * max_sigma)), ny - 1, nx - 1)
         img = image.astype(np.float32, copy=False)
         low = _smooth_background(img, background_px)
-        padded = np.pad(low, self.pad, mode="reflect")
+        padded = np.pad(low, self.pad, mode="reflect", reflect_type="odd")
         padded[self.pad : self.pad + ny, self.pad : self.pad + nx] = img
         self.fshape = tuple(sfft.next_fast_len(n, real=True) for n in padded.shape)
         self.ft = sfft.rfft2(padded, s=self.fshape)
@@ -259,6 +356,8 @@ class _GaussianSpace:
         self.fx2 = (sfft.rfftfreq(self.fshape[1]) ** 2).astype(np.float32)
 
     def blur(self, sigma: float) -> np.ndarray:
+        from scipy import fft as sfft
+
         c = np.float32(-2.0 * math.pi**2 * sigma**2)
         h = np.exp(c * self.fy2)[:, None] * np.exp(c * self.fx2)[None, :]
         out = sfft.irfft2(self.ft * h, s=self.fshape)
@@ -320,6 +419,8 @@ def _find_candidates(
     that is higher. For weak blobs this is Appion's thresholded area. For strong ones it stays a
     measure of shape, so a clear particle does not count as contamination just for being clear.
     """
+    from scipy import ndimage
+
     max_area_px = s.max_area * math.pi * (2.0 * radius_px) ** 2  # Appion: x pi x diameter^2
     window = 2 * max(1, int(radius_px / 2)) + 1
     ys, xs, vals, bigs, masks = [], [], [], [], []
@@ -354,6 +455,8 @@ def _find_candidates(
 
 def _contamination_mask(blob_masks: list[np.ndarray], grow_px: float) -> np.ndarray | None:
     """Union of blobs too large to be particles, holes filled, grown over their rim; or None."""
+    from scipy import ndimage
+
     if not blob_masks:
         return None
     mask = np.logical_or.reduce(blob_masks)
@@ -402,6 +505,8 @@ def _size_map(
     ``min_size``. A few specks close together would add up to a particle-sized blob, so the caller
     paints them out as it does contamination.
     """
+    from scipy import ndimage
+
     diameters, sigmas = _size_levels(radius_px)
     prev = space.blur(sigmas[0])
     best = best_level = small = None
@@ -430,6 +535,8 @@ def _size_map(
 
 def _suppress_overlaps(y: np.ndarray, x: np.ndarray, score: np.ndarray, cutoff: float):
     """Indices kept by greedy non-maximum suppression, strongest first."""
+    from scipy.spatial import cKDTree
+
     order = np.argsort(-score, kind="stable")
     if cutoff <= 0 or order.size < 2:
         return order
@@ -462,15 +569,24 @@ def pick(image: np.ndarray, settings: DogSettings) -> Picks:
     binned = _bin_image(img, b)
     if not np.isfinite(binned).all():
         raise PickError("micrograph contains NaN or infinite values")
-    if s.invert:
-        binned = -binned
     r = s.radius_px / b
     if min(binned.shape) < 4 * r:
         raise PickError(
             f"micrograph {img.shape[1]}x{img.shape[0]} px is too small for particles of "
             f"{s.diameter_A} A at {s.pixel_size_A} A/px (needs at least two diameters)"
         )
+    level = float(np.median(binned))
+    if s.invert:
+        binned = -binned
     binned -= float(np.median(binned))
+    binned = _remove_plane(binned, 2.0 * r)
+    # A micrograph in counts (mean well above its noise) tells how dark carbon is in absolute
+    # terms; a zero-mean one (some motion correctors write that) does not.
+    _, pixel_noise = _robust_scale(binned, None)
+    intensity = level if level > 10.0 * pixel_noise else None
+    dark = _dark_region_mask(binned, r, pixel_noise, intensity)
+    if dark is not None:
+        binned = np.where(dark, np.float32(0.0), binned)
     sigmas, _ = _slice_sigmas(r, s.num_slices, s.size_range_A / s.pixel_size_A / b / 2.0, s.kfactor)
     max_sigma = max(sigmas[-1], _size_levels(r)[1][-1])
 
@@ -478,18 +594,24 @@ def pick(image: np.ndarray, settings: DogSettings) -> Picks:
         return _GaussianSpace(im, max_sigma, 4.0 * r)
 
     space = space_of(binned)
-    sizes = _size_map(space, r, s.min_size, None)
+    sizes = _size_map(space, r, s.min_size, dark)
     specks = sizes.specks
-    work, exclude = binned, specks
+    work = binned
+    exclude = specks if dark is None else dark if specks is None else dark | specks
     if specks is not None:
         # Paint dense specks out with the background level (see module doc).
         work = np.where(specks, np.float32(0.0), binned)
         space = space_of(work)
     cand = _find_candidates(space, sigmas, s, r, exclude)
     contam = _contamination_mask(cand.blob_masks, MASK_GROWTH_RADII * r)
+    painted = 0
     if contam is not None:
-        # Paint the contamination out too, and look again.
-        exclude = contam if specks is None else contam | specks
+        # Paint the contamination out too, and look again. Candidates of the first look that lie
+        # in it count as rejected for contamination.
+        fy = np.clip(np.rint(cand.y).astype(int), 0, contam.shape[0] - 1)
+        fx = np.clip(np.rint(cand.x).astype(int), 0, contam.shape[1] - 1)
+        painted = int(contam[fy, fx].sum())
+        exclude = contam if exclude is None else contam | exclude
         work = np.where(contam, np.float32(0.0), work)
         space = space_of(work)
         cand = _find_candidates(space, sigmas, s, r, exclude)
@@ -507,6 +629,7 @@ def pick(image: np.ndarray, settings: DogSettings) -> Picks:
         ("area", cand.too_big),
         ("max_thresh", v > s.max_thresh),
         ("border", (x < edge) | (y < edge) | (x > nx - 1 - edge) | (y > ny - 1 - edge)),
+        ("dark_region", dark[iy, ix] if dark is not None else none),
         ("contamination", contam[iy, ix] if contam is not None else none),
         ("speck", specks[iy, ix] if specks is not None else none),
         ("size", (size < s.min_size * 2 * r) | (size > s.max_size * 2 * r)),
@@ -516,6 +639,7 @@ def pick(image: np.ndarray, settings: DogSettings) -> Picks:
     for name, failed in tests:
         rejected[name] = int((ok & failed).sum())
         ok &= ~failed
+    rejected["contamination"] += painted
 
     y, x, v, size = y[ok], x[ok], v[ok], size[ok]
     keep = _suppress_overlaps(y, x, v, s.overlap_mult * r)
@@ -567,6 +691,8 @@ def match_picks(picks_xy: np.ndarray, true_xy: np.ndarray, tolerance_px: float) 
     A second pick on the same particle is a false positive, as it is for a user: it yields a
     duplicate particle image. The usual tolerance is 0.3 particle diameters.
     """
+    from scipy.optimize import linear_sum_assignment
+
     p = np.asarray(picks_xy, dtype=float).reshape(-1, 2)
     t = np.asarray(true_xy, dtype=float).reshape(-1, 2)
     if p.size == 0 or t.size == 0:
@@ -638,6 +764,7 @@ def write_preview(
     percentiles after a light blur, so particles show through the shot noise.
     """
     from PIL import Image, ImageDraw
+    from scipy import ndimage
 
     fmt = PREVIEW_FORMATS.get(Path(path).suffix.lower())
     if fmt is None:
@@ -659,6 +786,11 @@ def write_preview(
 
 
 # --------------------------------------------------------------------------- CLI
+
+
+def _default(name: str) -> object:
+    """DogSettings' default for a field: the command and the library cannot drift apart."""
+    return DogSettings.__dataclass_fields__[name].default
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -683,52 +815,62 @@ def _parser() -> argparse.ArgumentParser:
         "-t",
         "--thresh",
         type=float,
-        default=0.6,
+        default=_default("thresh"),
         help="pick threshold, in quarter standard deviations of the DoG map",
     )
     p.add_argument(
-        "--max-thresh", type=float, default=1.5, help="blobs stronger than this are contamination"
+        "--max-thresh",
+        type=float,
+        default=_default("max_thresh"),
+        help="blobs stronger than this are contamination",
     )
-    p.add_argument("--num-slices", type=int, default=2, help="number of DoG sizes to try")
+    p.add_argument(
+        "--num-slices", type=int, default=_default("num_slices"), help="number of DoG sizes to try"
+    )
     p.add_argument(
         "--size-range",
         type=float,
-        default=10.0,
+        default=_default("size_range_A"),
         help="range of diameters about --diam to search, A",
     )
     p.add_argument(
         "--kfactor",
         type=float,
-        default=1.1,
+        default=_default("kfactor"),
         help="sigma ratio of a single DoG (used when --num-slices is 1)",
     )
     p.add_argument(
         "--max-area",
         type=float,
-        default=0.3,
+        default=_default("max_area"),
         help="a thresholded blob larger than MAX_AREA x pi x diam^2 is contamination",
     )
-    p.add_argument("--max-peaks", type=int, default=500, help="keep at most this many picks")
+    p.add_argument(
+        "--max-peaks", type=int, default=_default("max_peaks"), help="keep at most this many picks"
+    )
     p.add_argument(
         "--overlap-mult",
         type=float,
-        default=1.5,
+        default=_default("overlap_mult"),
         help="picks closer than this many particle radii: keep the stronger",
     )
     p.add_argument(
         "--min-size",
         type=float,
-        default=0.5,
+        default=_default("min_size"),
         help="refuse blobs whose measured size is below this fraction of --diam",
     )
     p.add_argument(
         "--max-size",
         type=float,
-        default=2.0,
+        default=_default("max_size"),
         help="refuse blobs whose measured size is above this multiple of --diam",
     )
     p.add_argument(
-        "--bin", type=int, default=0, help="bin the micrograph by this factor first (0: automatic)"
+        "--bin",
+        type=int,
+        default=_default("bin"),
+        help="bin the micrograph by this factor first (0: automatic)",
     )
     p.add_argument(
         "--invert",

@@ -14,12 +14,16 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from cryoflow.dirs import make_dirs
+
+if TYPE_CHECKING:
+    from cryoflow.engines.eer import EerMovie, FmIntEntry
 
 __all__ = [
     "ImageReadError",
@@ -39,6 +43,7 @@ DIR_MODE_ENV = "CRYOFLOW_DIR_MODE"
 MRC_SUFFIXES = {".mrc", ".mrcs", ".st"}
 TIFF_SUFFIXES = {".tif", ".tiff"}
 EER_SUFFIXES = {".eer"}
+GAIN_TIFF_SUFFIXES = {".gain"}  # EPU's Falcon gain references are float32 TIFFs
 
 
 class ImageReadError(ValueError):
@@ -229,23 +234,30 @@ class MovieInfo:
         self.close()
 
 
-def open_movie(path: str | os.PathLike, expected_kind: str | None = None) -> MovieInfo:
+def open_movie(
+    path: str | os.PathLike,
+    expected_kind: str | None = None,
+    *,
+    eer_sampling: int = 1,
+    fm_int: Sequence[FmIntEntry] | None = None,
+) -> MovieInfo | EerMovie:
     """Open a movie, checking that it exists, is the expected kind and is not truncated.
 
-    EER is refused: no package on the registry we use decodes EER honestly (see the engine docs).
+    An EER movie's frames are its fractions: raw frames grouped by ``fm_int`` (the parsed
+    -FmIntFile; without it each raw frame is a fraction, as in MotionCor2) and rendered at
+    ``eer_sampling`` (see :mod:`cryoflow.engines.eer`).
     """
     path = Path(path)
     if not path.is_file():
         raise ImageReadError(f"{path}: no such file")
-    kind = movie_kind(path)
+    kind = "tiff" if path.suffix.lower() in GAIN_TIFF_SUFFIXES else movie_kind(path)
     if expected_kind is not None and kind != expected_kind:
         raise ImageReadError(f"{path}: is a {kind.upper()} file by name, expected {expected_kind}")
-    if kind == "eer":
-        raise ImageReadError(
-            f"{path}: EER movies are not supported by the built-in engine; "
-            "run the real MotionCor2 (-InEer) for EER data"
-        )
     _check_magic(path, kind)
+    if kind == "eer":
+        from cryoflow.engines.eer import EerMovie
+
+        return EerMovie(path, sampling=eer_sampling, fm_int=fm_int)
     return MovieInfo(path, kind)
 
 
@@ -253,7 +265,10 @@ def _check_magic(path: Path, kind: str) -> None:
     """Refuse a file whose content is not what its name says (before a library misreads it)."""
     with open(path, "rb") as fh:
         head = fh.read(1024)
-    if kind == "tiff":
+    if kind == "eer":
+        if head[:4] not in (b"II+\x00", b"MM\x00+"):
+            raise ImageReadError(f"{path}: named as EER but does not start with a BigTIFF header")
+    elif kind == "tiff":
         if head[:4] not in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
             raise ImageReadError(f"{path}: named as TIFF but does not start with a TIFF header")
     elif kind == "mrc" and (len(head) < 1024 or head[208:211] != b"MAP"):
@@ -263,7 +278,9 @@ def _check_magic(path: Path, kind: str) -> None:
 
 
 def read_image(path: str | os.PathLike) -> np.ndarray:
-    """A single 2-D image (gain reference, micrograph) from MRC or TIFF, as float32."""
+    """A single 2-D image (gain reference, micrograph) from MRC or TIFF (EPU ``.gain``), float32."""
+    if Path(path).suffix.lower() in EER_SUFFIXES:
+        raise ImageReadError(f"{path}: an EER movie is not a single image")
     with open_movie(path) as mov:
         if mov.shape[0] != 1:
             raise ImageReadError(f"{path}: expected one image, found a stack of {mov.shape[0]}")

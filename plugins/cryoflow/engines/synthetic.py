@@ -17,6 +17,11 @@ Conventions (all engines and tests rely on them):
 * Contrast: :func:`make_movie` takes fractional contrast. ``0.3 * apply_ctf(density)`` gives an
   image std of ~1.5 %, about what a single-particle micrograph shows; motion-correction accuracy
   at 1 e/px/frame depends strongly on it and on the frame size (see the engine's benchmark).
+* Decoys: :class:`Distractors` adds what real micrographs show besides particles (a carbon
+  edge, ethane contamination, aggregates, small junk, an ice gradient, random ice under the
+  CTF). The truth keeps only particles in clean ice in ``particles``; aggregate members and
+  particles on carbon are ``excluded`` (the usual convention: a picker should not pick them).
+  Without distractors a seed gives the same images as before they existed.
 """
 
 from __future__ import annotations
@@ -31,16 +36,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import scipy.fft as sfft
-from scipy import ndimage
 
 from cryoflow.engines.ctf_model import CTFParams, ctf_2d, spatial_frequency_grid
 from cryoflow.engines.imageio import atomic_path, write_mrc
 
 __all__ = [
+    "DISTRACTOR_KINDS",
+    "CarbonEdge",
+    "Distractors",
     "MovieTruth",
     "Particle",
     "SpecimenTruth",
+    "amplitude_map",
     "apply_ctf",
     "default_drift",
     "fourier_shift",
@@ -49,6 +56,8 @@ __all__ = [
     "make_micrograph",
     "make_movie",
     "make_specimen",
+    "particle_contrast",
+    "specimen_contrast",
     "write_gain_mrc",
     "write_movie_mrc",
     "write_movie_tiff",
@@ -66,14 +75,112 @@ class Particle:
 
 
 @dataclass
+class CarbonEdge:
+    """The edge of a hole in the carbon film: a circle (pixels); carbon lies outside it."""
+
+    x: float
+    y: float
+    radius_px: float
+    darkening: float
+
+    def distance(self, x: np.ndarray | float, y: np.ndarray | float) -> np.ndarray:
+        """Signed distance (px) from the edge: > 0 on the carbon, < 0 in the hole (the ice)."""
+        return np.hypot(np.asarray(x) - self.x, np.asarray(y) - self.y) - self.radius_px
+
+
+@dataclass
 class SpecimenTruth:
-    """What :func:`make_specimen` put in the image: pickers must find ``particles`` only."""
+    """What :func:`make_specimen` put in the image: pickers must find ``particles`` only.
+
+    Everything else is a decoy a picker should not report. ``excluded`` holds particles that
+    are rendered but do not count, by the usual convention of picking: members of aggregates and
+    particles lying on the carbon film. A pick on one of them is a false positive.
+    """
 
     shape: tuple[int, int]
     pixel_size_A: float
     particles: list[Particle] = field(default_factory=list)
     specks: list[Particle] = field(default_factory=list)
     contaminants: list[Particle] = field(default_factory=list)
+    excluded: list[Particle] = field(default_factory=list)
+    aggregates: list[Particle] = field(default_factory=list)  # centre, enclosing diameter
+    ethane: list[Particle] = field(default_factory=list)
+    junk: list[Particle] = field(default_factory=list)
+    carbon: CarbonEdge | None = None
+    ethane_darkening: float = 0.0
+
+
+#: The kinds of :class:`Distractors`, one per field group; the benchmark and tests use them.
+DISTRACTOR_KINDS = ("carbon", "ethane", "aggregates", "junk", "gradient", "ice")
+
+
+@dataclass(frozen=True)
+class Distractors:
+    """What a real micrograph shows besides particles. All off by default.
+
+    Sizes are in particle diameters; darkening is a fraction of the mean intensity, applied as
+    amplitude contrast (real carbon and ethane contamination scatter electrons out of the
+    aperture, so they are dark at all spatial frequencies, not only where the CTF passes).
+    Particles counted in the truth keep ``clearance`` diameters away from carbon, ethane and
+    aggregates: touching ones are ambiguous even for a human picker.
+
+    * ``carbon``: a hole edge (an arc across the image). The film carries a fine texture, and
+      ``carbon_particles`` particles lie on it (rendered, excluded from the truth).
+    * ``n_ethane``: ethane/ice contamination, very dense blobs of ``ethane_diameter`` diameters.
+    * ``n_aggregates``: clumps of ``aggregate_members`` touching particles (excluded).
+    * ``n_junk``: small irregular dense bits of ``junk_diameter`` diameters.
+    * ``gradient``: an intensity ramp across the image (ice thickness), this fraction end to end.
+    * ``ice``: std of a random ice density (particle peak density is 1) under the CTF, so the
+      background shows Thon rings as on a real micrograph.
+    """
+
+    carbon: bool = False
+    carbon_darkening: float = 0.15
+    carbon_particles: int = 0
+    n_ethane: int = 0
+    ethane_diameter: tuple[float, float] = (2.5, 5.0)
+    ethane_darkening: float = 0.5
+    n_aggregates: int = 0
+    aggregate_members: tuple[int, int] = (4, 8)
+    n_junk: int = 0
+    junk_diameter: tuple[float, float] = (0.2, 0.45)
+    gradient: float = 0.0
+    ice: float = 0.0
+    clearance: float = 0.5
+
+    @classmethod
+    def of_kinds(cls, kinds: Sequence[str], area_px: float) -> Distractors:
+        """A moderate amount of each kind in ``kinds`` (DISTRACTOR_KINDS) for an image of
+        ``area_px`` pixels: per 4096x4096, 20 particles on carbon, 3 ethane blobs, 4 aggregates,
+        300 bits of junk (at least one each), a 20 % gradient, ice of std 0.3."""
+        unknown = sorted(set(kinds) - set(DISTRACTOR_KINDS))
+        if unknown:
+            raise ValueError(f"unknown distractor kinds {unknown}; known: {DISTRACTOR_KINDS}")
+        f = area_px / 4096**2
+
+        def n(per_4k: int) -> int:
+            return max(1, round(per_4k * f))
+
+        return cls(
+            carbon="carbon" in kinds,
+            carbon_particles=n(20) if "carbon" in kinds else 0,
+            n_ethane=n(3) if "ethane" in kinds else 0,
+            n_aggregates=n(4) if "aggregates" in kinds else 0,
+            n_junk=n(300) if "junk" in kinds else 0,
+            gradient=0.2 if "gradient" in kinds else 0.0,
+            ice=0.3 if "ice" in kinds else 0.0,
+        )
+
+    def __post_init__(self) -> None:
+        counts = (self.carbon_particles, self.n_ethane, self.n_aggregates, self.n_junk)
+        if min(counts) < 0:
+            raise ValueError(f"distractor counts must be >= 0, got {counts}")
+        if not 2 <= self.aggregate_members[0] <= self.aggregate_members[1]:
+            raise ValueError(
+                f"aggregate_members must be (lo, hi), 2 <= lo <= hi, got {self.aggregate_members}"
+            )
+        if self.ice < 0 or self.clearance < 0:
+            raise ValueError(f"ice ({self.ice}) and clearance ({self.clearance}) must be >= 0")
 
 
 @dataclass
@@ -101,8 +208,12 @@ def _place(
     taken: list[tuple[float, float, float]],
     clearance_px: float,
     what: str,
+    allowed: Callable[[float, float], bool] | None = None,
 ) -> list[tuple[float, float]]:
-    """Rejection-sample ``n`` centres inside the image, each ``clearance`` away from all others."""
+    """Rejection-sample ``n`` centres inside the image, each ``clearance`` away from all others.
+
+    ``allowed(x, y)``, if given, must also hold (e.g. in the hole, not on the carbon).
+    """
     if n == 0:
         return []
     ny, nx = shape
@@ -125,6 +236,8 @@ def _place(
             )
         x = rng.uniform(margin, nx - margin)
         y = rng.uniform(margin, ny - margin)
+        if allowed is not None and not allowed(x, y):
+            continue
         if tx.size:
             need = np.maximum(clearance_px, radius_px + tr + 2.0)
             if np.any(np.hypot(tx - x, ty - y) < need):
@@ -146,6 +259,43 @@ def _add_sphere(img: np.ndarray, x: float, y: float, radius_px: float, amplitude
     img[y0:y1, x0:x1] += amplitude * np.sqrt(np.clip(1.0 - d2 / (r * r), 0.0, None))
 
 
+def _random_field(rng: np.random.Generator, shape: tuple[int, int], sigma_px: float) -> np.ndarray:
+    """White noise blurred by ``sigma_px`` and scaled to unit std: film and ice texture."""
+    from scipy import ndimage
+
+    f = ndimage.gaussian_filter(rng.standard_normal(shape).astype(np.float32), sigma_px)
+    return f / (float(f.std()) or 1.0)
+
+
+def _carbon_edge(rng: np.random.Generator, shape: tuple[int, int], darkening: float) -> CarbonEdge:
+    """A hole edge whose arc crosses the image; the carbon covers 20-35 % of it."""
+    ny, nx = shape
+    size = float(min(nx, ny))
+    radius = rng.uniform(1.2, 2.5) * size
+    angle = rng.uniform(0.0, 2.0 * np.pi)
+    u = np.array([np.cos(angle), np.sin(angle)])
+    # The edge point nearest the image centre lies this far out, towards u.
+    edge = np.array([nx / 2.0, ny / 2.0]) + u * rng.uniform(0.15, 0.3) * size
+    cx, cy = edge - u * radius
+    return CarbonEdge(float(cx), float(cy), float(radius), float(darkening))
+
+
+def _aggregate(rng: np.random.Generator, n: int, radius_px: float) -> list[tuple[float, float]]:
+    """Member offsets of a clump of ``n`` touching particles (each 0.75-0.95 diameters from
+    another one, none closer than 0.7 diameters to any), centred on (0, 0)."""
+    pts = [(0.0, 0.0)]
+    while len(pts) < n:
+        bx, by = pts[rng.integers(len(pts))]
+        a = rng.uniform(0.0, 2.0 * np.pi)
+        d = rng.uniform(1.5, 1.9) * radius_px
+        x, y = bx + d * np.cos(a), by + d * np.sin(a)
+        if all(np.hypot(x - px, y - py) >= 1.4 * radius_px for px, py in pts):
+            pts.append((x, y))
+    arr = np.array(pts)
+    arr -= arr.mean(axis=0)
+    return [(float(a), float(b)) for a, b in arr]
+
+
 def make_specimen(
     shape: tuple[int, int],
     pixel_size_A: float,
@@ -159,6 +309,7 @@ def make_specimen(
     contaminant_diameter_A: float | None = None,
     rng: np.random.Generator | None = None,
     edge_softness_px: float = 1.0,
+    distractors: Distractors | None = None,
 ) -> tuple[np.ndarray, SpecimenTruth]:
     """A projected-density image of round particles at known, well separated positions.
 
@@ -166,8 +317,13 @@ def make_specimen(
     ``edge_softness_px``; centres are at least ``min_separation_factor * diameter`` apart.
     Specks (default diameter: a fifth of a particle, density 4) and contaminants (default: four
     particle diameters, density 3) are decoys a picker must not report; they never overlap a
-    particle. Returns the float32 image and the truth.
+    particle. ``distractors`` adds the harder decoys of :class:`Distractors` (their density
+    here; their amplitude contrast is :func:`amplitude_map`). Without it the random draws, and so
+    the image for a given seed, are those of earlier versions. Returns the float32 image and the
+    truth.
     """
+    from scipy import ndimage
+
     if pixel_size_A <= 0 or diameter_A <= 0:
         raise ValueError(f"pixel size ({pixel_size_A}) and diameter ({diameter_A}) must be > 0")
     if min(n_particles, n_specks, n_contaminants) < 0:
@@ -183,20 +339,111 @@ def make_specimen(
     img = np.zeros(shape, dtype=np.float64)
     taken: list[tuple[float, float, float]] = []
     truth = SpecimenTruth(shape=shape, pixel_size_A=float(pixel_size_A))
+    dis = distractors
+    in_ice = None
+    if dis is not None:
+        keep_out = dis.clearance * 2.0 * r_p
+        truth.ethane_darkening = float(dis.ethane_darkening)
+        if dis.carbon:
+            edge = truth.carbon = _carbon_edge(rng, shape, dis.carbon_darkening)
+            yy, xx = np.mgrid[0 : shape[0], 0 : shape[1]]
+            film = 0.5 + 0.5 * np.tanh(edge.distance(xx, yy) / 4.0)
+            texture = 1.0 + 0.3 * _random_field(rng, shape, 0.05 * r_p + 0.5)
+            img += 0.5 * film * texture
+
+            def in_ice(x: float, y: float) -> bool:
+                return float(edge.distance(x, y)) < -(r_p + keep_out)
+
+        for _ in range(dis.n_ethane):
+            d_px = rng.uniform(*dis.ethane_diameter) * 2.0 * r_p
+            ((x, y),) = _place(rng, shape, 1, d_px / 2.0, taken, 0.0, "ethane blobs")
+            taken[-1] = (x, y, d_px / 2.0 + keep_out)
+            _add_sphere(img, x, y, d_px / 2.0, 4.0)
+            truth.ethane.append(Particle(float(x), float(y), float(d_px * pixel_size_A)))
+        for _ in range(dis.n_aggregates):
+            n_mem = int(rng.integers(dis.aggregate_members[0], dis.aggregate_members[1] + 1))
+            members = _aggregate(rng, n_mem, r_p)
+            extent = max(np.hypot(mx, my) for mx, my in members) + r_p
+            ((x, y),) = _place(rng, shape, 1, extent, taken, 0.0, "aggregates", in_ice)
+            taken[-1] = (x, y, extent + keep_out)
+            for mx, my in members:
+                _add_sphere(img, x + mx, y + my, r_p, 1.0)
+                truth.excluded.append(Particle(float(x + mx), float(y + my), float(diameter_A)))
+            truth.aggregates.append(Particle(float(x), float(y), float(2 * extent * pixel_size_A)))
     # Largest first, so the crowded small objects fill the space that is left.
     for x, y in _place(rng, shape, n_contaminants, r_c, taken, 0.0, "contaminants"):
         _add_sphere(img, x, y, r_c, 3.0)
         truth.contaminants.append(Particle(float(x), float(y), float(cont_d)))
     sep = min_separation_factor * 2.0 * r_p
-    for x, y in _place(rng, shape, n_particles, r_p, taken, sep, "particles"):
+    for x, y in _place(rng, shape, n_particles, r_p, taken, sep, "particles", in_ice):
         _add_sphere(img, x, y, r_p, 1.0)
         truth.particles.append(Particle(float(x), float(y), float(diameter_A)))
+    if dis is not None and truth.carbon is not None and dis.carbon_particles:
+        edge = truth.carbon
+
+        def on_carbon(x: float, y: float) -> bool:
+            return float(edge.distance(x, y)) > r_p
+
+        for x, y in _place(
+            rng, shape, dis.carbon_particles, r_p, taken, sep, "particles on carbon", on_carbon
+        ):
+            _add_sphere(img, x, y, r_p, 1.0)
+            truth.excluded.append(Particle(float(x), float(y), float(diameter_A)))
     for x, y in _place(rng, shape, n_specks, r_s, taken, 0.0, "specks"):
         _add_sphere(img, x, y, r_s, 4.0)
         truth.specks.append(Particle(float(x), float(y), float(speck_d)))
+    if dis is not None:
+        for _ in range(dis.n_junk):
+            size_px = rng.uniform(*dis.junk_diameter) * 2.0 * r_p
+            ((x, y),) = _place(rng, shape, 1, size_px / 2.0, taken, 0.0, "junk")
+            # Two to four lumps of dense matter within the junk's outline: irregular, not round.
+            for _ in range(int(rng.integers(2, 5))):
+                a, d = rng.uniform(0.0, 2.0 * np.pi), rng.uniform(0.0, 0.3) * size_px
+                _add_sphere(
+                    img,
+                    x + d * np.cos(a),
+                    y + d * np.sin(a),
+                    max(rng.uniform(0.2, 0.35) * size_px, 1.0),
+                    rng.uniform(1.5, 3.0),
+                )
+            truth.junk.append(Particle(float(x), float(y), float(size_px * pixel_size_A)))
     if edge_softness_px > 0:
         img = ndimage.gaussian_filter(img, edge_softness_px, mode="constant")
     return img.astype(np.float32), truth
+
+
+def amplitude_map(truth: SpecimenTruth) -> np.ndarray:
+    """Amplitude contrast of the carbon and ethane in ``truth``: fractional darkening (float32).
+
+    Ethane blobs darken like their thickness (a projected sphere), ``truth.ethane_darkening``
+    at the centre; the carbon film by its own ``darkening``, with an edge a few pixels soft.
+    """
+    ny, nx = truth.shape
+    out = np.zeros((ny, nx), dtype=np.float64)
+    if truth.carbon is not None:
+        yy, xx = np.mgrid[0:ny, 0:nx]
+        out += truth.carbon.darkening * (0.5 + 0.5 * np.tanh(truth.carbon.distance(xx, yy) / 6.0))
+    for e in truth.ethane:
+        _add_sphere(out, e.x, e.y, e.diameter_A / truth.pixel_size_A / 2.0, truth.ethane_darkening)
+    return out.astype(np.float32)
+
+
+def particle_contrast(image: np.ndarray, truth: SpecimenTruth) -> float:
+    """Mean darkening over the central half-radius of the true particles, over the image std.
+
+    This is how "particle contrast as a fraction of the image std" is measured here: on a
+    noisy micrograph (counts) or a noise-free contrast image alike.
+    """
+    img = np.asarray(image, dtype=np.float64)
+    ny, nx = img.shape
+    inside = np.zeros(img.shape, dtype=bool)
+    for p in truth.particles:
+        r = p.diameter_A / truth.pixel_size_A / 4.0
+        y0, y1 = max(int(p.y - r), 0), min(int(p.y + r) + 2, ny)
+        x0, x1 = max(int(p.x - r), 0), min(int(p.x + r) + 2, nx)
+        yy, xx = np.mgrid[y0:y1, x0:x1]
+        inside[y0:y1, x0:x1] |= np.hypot(xx - p.x, yy - p.y) < r
+    return float((img.mean() - img[inside].mean()) / img.std())
 
 
 # --------------------------------------------------------------------------- CTF
@@ -289,6 +536,8 @@ def make_movie(
     ``gain`` (a gain reference, see module doc) must match the output shape. Counts are stored in
     ``dtype`` (uint8 like a K3 counting TIFF; counts above its range raise).
     """
+    import scipy.fft as sfft
+
     rng = rng if rng is not None else np.random.default_rng()
     img = np.asarray(image, dtype=np.float32)
     if img.ndim != 2:
@@ -364,19 +613,59 @@ def make_micrograph(
     contrast: float = 0.1,
     b_factor: float = 50.0,
     rng: np.random.Generator | None = None,
+    distractors: Distractors | None = None,
     **specimen_kwargs: Any,
 ) -> tuple[np.ndarray, SpecimenTruth]:
     """One noisy, aligned micrograph (float32 counts) of a fresh specimen: for CTF/picking tests.
 
     ``contrast`` scales the CTF-filtered density (whose particle peak is ~1) into fractional
     intensity; counts are Poisson at ``dose_total`` e/px. ``specimen_kwargs`` go to
-    :func:`make_specimen` (n_particles, diameter_A, ...).
+    :func:`make_specimen` (n_particles, diameter_A, ...). ``distractors`` adds carbon, ethane,
+    aggregates, junk (see :func:`make_specimen`), random ice density under the CTF, the amplitude
+    contrast of carbon and ethane (:func:`amplitude_map`) and an intensity gradient.
     """
     rng = rng if rng is not None else np.random.default_rng()
-    dens, truth = make_specimen(shape, pixel_size_A, rng=rng, **specimen_kwargs)
-    img = contrast * apply_ctf(dens, pixel_size_A, ctf, b_factor=b_factor)
+    dens, truth = make_specimen(
+        shape, pixel_size_A, rng=rng, distractors=distractors, **specimen_kwargs
+    )
+    img = specimen_contrast(
+        dens, truth, ctf, contrast=contrast, b_factor=b_factor, distractors=distractors, rng=rng
+    )
     lam = np.clip(1.0 + img, 0.0, None) * dose_total
     return rng.poisson(lam).astype(np.float32), truth
+
+
+def specimen_contrast(
+    density: np.ndarray,
+    truth: SpecimenTruth,
+    ctf: CTFParams,
+    *,
+    contrast: float,
+    b_factor: float = 50.0,
+    distractors: Distractors | None = None,
+    rng: np.random.Generator | None = None,
+) -> np.ndarray:
+    """The fractional-contrast image of a :func:`make_specimen` density, ready for counting.
+
+    ``contrast * apply_ctf(density)``; with ``distractors`` (the same as given to
+    :func:`make_specimen`) also the random ice under the CTF, the amplitude contrast of carbon
+    and ethane (:func:`amplitude_map`) and the intensity gradient. Feed the result to
+    :func:`make_movie` or count it as :func:`make_micrograph` does.
+    """
+    rng = rng if rng is not None else np.random.default_rng()
+    dens = density
+    if distractors is not None and distractors.ice > 0:
+        dens = dens + distractors.ice * _random_field(rng, dens.shape, 1.0)
+    img = contrast * apply_ctf(dens, truth.pixel_size_A, ctf, b_factor=b_factor)
+    if distractors is not None:
+        img -= amplitude_map(truth)
+        if distractors.gradient:
+            ny, nx = img.shape
+            a = rng.uniform(0.0, 2.0 * np.pi)
+            yy, xx = np.mgrid[0:ny, 0:nx].astype(np.float32)
+            ramp = (np.cos(a) * (xx / nx - 0.5) + np.sin(a) * (yy / ny - 0.5)).astype(np.float32)
+            img -= np.float32(distractors.gradient) * ramp
+    return img
 
 
 # --------------------------------------------------------------------------- writers
@@ -464,6 +753,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--particles", type=int, default=12)
     p.add_argument("--diameter", type=float, default=150.0, help="particle diameter, Angstrom")
     p.add_argument("--contrast", type=float, default=0.3, help="fractional contrast scale")
+    p.add_argument(
+        "--distractors",
+        default="",
+        metavar="KIND[,KIND...]",
+        help=f"add decoys ({', '.join(DISTRACTOR_KINDS)}); see synthetic.Distractors.of_kinds",
+    )
     p.add_argument("--gain", type=Path, help="also write a gain reference MRC here")
     p.add_argument("--truth", type=Path, help="truth JSON (default: <out>.truth.json)")
     p.add_argument("--seed", type=int, default=0)
@@ -489,14 +784,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     pad = int(np.ceil(args.drift)) + 16
     try:
+        kinds = [k for k in args.distractors.split(",") if k]
+        dis = Distractors.of_kinds(kinds, float(nx * ny)) if kinds else None
         dens, spec = make_specimen(
             (ny + 2 * pad, nx + 2 * pad),
             args.pixel_size,
             n_particles=args.particles,
             diameter_A=args.diameter,
             rng=rng,
+            distractors=dis,
         )
-        img = args.contrast * apply_ctf(dens, args.pixel_size, ctf)
+        img = specimen_contrast(dens, spec, ctf, contrast=args.contrast, distractors=dis, rng=rng)
         gain = make_gain((ny, nx), rng=rng) if args.gain else None
         drift = default_drift(args.frames, args.drift, rng)
         frames, truth = make_movie(
@@ -513,9 +811,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"cryoflow-synth: {exc}", file=sys.stderr)
         return 2
     # Particle positions in the cropped frame coordinates of the still (undrifted) image.
-    for obj in spec.particles + spec.specks + spec.contaminants:
+    objects = [spec.particles, spec.specks, spec.contaminants, spec.excluded, spec.aggregates]
+    for obj in [o for group in objects + [spec.ethane, spec.junk] for o in group]:
         obj.x -= pad
         obj.y -= pad
+    if spec.carbon is not None:
+        spec.carbon.x -= pad
+        spec.carbon.y -= pad
     spec.shape = (ny, nx)
     truth.ctf = ctf
     truth.specimen = spec
