@@ -103,16 +103,6 @@ class Component:
             grew = bool(more)
         return sorted(found)
 
-    def runs(self, needle: str) -> bool:
-        """Whether a process of this component has ``needle`` in its command line (the task
-        runner's title names the DAG and task it runs)."""
-        for pid in self.group():
-            with suppress(OSError):
-                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
-                if needle.encode() in cmdline:
-                    return True
-        return False
-
     def kill(self) -> None:
         """A node failure: SIGKILL to every process of the component at once (its group and
         each descendant's group), nothing shuts down cleanly."""
@@ -138,9 +128,12 @@ class CeleryStack:
     ledger_url: str
     components: dict[str, Component] = field(default_factory=dict)
 
-    def worker_running(self, needle: str) -> Component | None:
+    def worker_running(self, pid: int) -> Component | None:
+        """The worker whose process tree holds ``pid`` (a task instance's ``pid``, as the API
+        reports it). Not a process title: a Celery pool process keeps the title of the last
+        task it was handed, also one it never ran."""
         for name, comp in self.components.items():
-            if name.startswith("worker") and comp.alive() and comp.runs(needle):
+            if name.startswith("worker") and comp.alive() and pid in comp.group():
                 return comp
         return None
 

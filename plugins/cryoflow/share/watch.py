@@ -252,6 +252,18 @@ class ShareWatch:
             self.last_activity += now - self._offline_since
             self._offline_since = None
 
+    def carry_over(self, now: float, outcome: Outcome) -> dict[str, list[int | float]]:
+        """The stability state the next batch run's watch starts from: what is still on its
+        way. The files ``outcome`` hands over (to copy, or as incomplete) are the ledger's from
+        now on; kept here they would count twice (the session view reads this state as the
+        movies still settling on the share)."""
+        handed = {f["relpath"] for f in (*outcome.files, *outcome.incomplete)}
+        return {
+            rel: entry
+            for rel, entry in self.tracker.snapshot(now).items()
+            if to_text(rel) not in handed
+        }
+
     @staticmethod
     def _entry(rel: str, stat: FileStat, wall: datetime) -> dict[str, Any]:
         return {

@@ -202,7 +202,7 @@ class ShareWatchTrigger(BaseTrigger):
         outcome = watch.poll(now)
         if outcome.status != "wait":
             # Files still settling keep their stability for the next batch run's watch.
-            state: dict[str, Any] = watch.tracker.snapshot(now)
+            state: dict[str, Any] = dict(watch.carry_over(now, outcome))
             if watch.frames is not None:
                 state[FRAMES_KEY] = [watch.frames]
             ledger.save_watch_state(self.session_id, state)
