@@ -3,7 +3,8 @@
 A processing run is started by ingest (an asset event per copied batch) and never waited on.
 It claims the owed MotionCor2 work of every session of its microscope in the ledger, submits it
 as one job array and defers; when the array ends it records each movie, claims the CTFFIND and
-picking work that became owed, submits both arrays and defers again; then it refreshes each
+picking work that became owed, submits both arrays at once and defers again (on CTFFIND first,
+then picking, which has usually ended by then); then it refreshes each
 touched session's STAR files (``micrographs_ctf_all.star``: every movie with a CTF;
 ``micrographs_ctf.star``: those curation accepted, see ``cryoflow.curation``), evaluates the
 sessions' curation alerts and, for a closed session that owes nothing more, its summary.
@@ -345,8 +346,6 @@ class ProcessOwedOperator(BaseOperator):
             self._claim_downstream(context)
         if stage in ("ctf", "picking"):
             self._write_star()
-        if stage == "ctf":
-            self._claim_picking(context)
         return self._wait(context)
 
     def _run(self, context: Context) -> dict[str, Any]:
@@ -358,18 +357,15 @@ class ProcessOwedOperator(BaseOperator):
         return self._wait(context)
 
     def _claim_downstream(self, context: Context) -> None:
-        """CTF first, alone: it is the result people look at first, and picking would share
-        the CPU nodes with it; picking follows when the CTF array has ended."""
-        work = self._claim(context, "ctf", after="motioncor")
-        if work:
-            self._submit(context, "ctf", work)
-        else:
-            self._claim_picking(context)
-
-    def _claim_picking(self, context: Context) -> None:
-        work = self._claim(context, "picking", after="motioncor")
-        if work:
-            self._submit(context, "picking", work)
+        """CTFFIND and picking of every movie whose MotionCor2 is done, submitted together: both
+        need only the motion-corrected sum, and waiting for one array before submitting the
+        next would add a whole poll, resume and submission to every run (and hold its slot
+        meanwhile). CTF is submitted first: a FIFO-scheduled cluster starts it first, and the
+        run follows it first, so the result people look at first is recorded first."""
+        for stage in ("ctf", "picking"):
+            work = self._claim(context, stage, after="motioncor")
+            if work:
+                self._submit(context, stage, work)
 
     # -- the end of a run ------------------------------------------------------------------
 
