@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ from cryoflow.operators.compute_job import (
     ComputeJobError,
     ComputeJobFailed,
 )
-from cryoflow.triggers.slurm_job import SlurmJobTrigger, poll_delay
+from cryoflow.triggers.slurm_job import SlurmJobTrigger
 from tests.services_fixtures import SlurmServices
 
 
@@ -98,24 +97,6 @@ def test_defers_then_returns_per_index_results_and_logs_task_output(
     task_log = capsys.readouterr().out  # Airflow's task logger (structlog) writes to stdout
     assert "[0 stdout] fit ok" in task_log
     assert "[1 stderr] bad movie" in task_log
-
-
-def test_a_short_job_is_noticed_in_seconds_whatever_the_poll_interval(tmp_path: Path) -> None:
-    """The trigger's first polls come 1, 2, 4 s apart, then the backend's interval: a job of
-    the pipeline's usual few seconds is not left waiting for a 30 s interval."""
-    op = ComputeArrayOperator(
-        backend={"kind": "local", "workdir": str(tmp_path), "poll_interval_s": 30.0},
-        step="ctffind",
-        task_id="ctffind",
-        tasks=[["sh", "-c", "sleep 1.5"]],
-    )
-    trigger = _defer(op, {"ti": _TaskInstance()})
-    started = time.monotonic()
-    event = _fire(trigger)
-    assert event["status"] == "success"
-    assert time.monotonic() - started < 8, "waited for the full 30 s interval"
-    assert [poll_delay(30.0, n) for n in range(1, 8)] == [1, 2, 4, 8, 16, 30, 30]
-    assert [poll_delay(5.0, n) for n in range(1, 5)] == [1, 2, 4, 5]
 
 
 def test_all_tasks_failing_fails_the_task_naming_job_index_and_log(tmp_path: Path) -> None:

@@ -42,17 +42,6 @@ _PERMANENT = (asyncssh.PermissionDenied, asyncssh.HostKeyNotVerifiable)
 
 EVENT_KEYS = ("status", "job_id", "job_dir", "n_tasks", "backend", "tasks", "message")
 
-#: the first wait after a poll that found the job unfinished; doubled per poll up to the interval
-FIRST_POLL_DELAY_S = 1.0
-
-
-def poll_delay(interval: float, polls: int) -> float:
-    """Seconds to wait after the ``polls``-th poll (1, 2, ...): 1, 2, 4 s ... up to
-    ``interval``. Most of the pipeline's arrays end within seconds of their submission, so
-    the first polls come sooner; a long job is polled at the backend's interval, a few polls
-    more in all."""
-    return min(interval, FIRST_POLL_DELAY_S * 2 ** max(0, polls - 1))
-
 
 class SlurmJobTrigger(BaseTrigger):
     """Poll one job array (Slurm over SSH, or local) and fire ONE final event.
@@ -63,8 +52,7 @@ class SlurmJobTrigger(BaseTrigger):
     ({"<index>": {"state", "exit_code"}}; the last known states on "error"), ``message``.
 
     :param backend: backend settings as a dict (``SlurmBackend``/``LocalBackend`` dumped).
-    :param poll_interval_s: seconds between polls once the job has run a while (the first
-        waits are shorter, see :func:`poll_delay`); None uses the backend's ``poll_interval_s``.
+    :param poll_interval_s: seconds between polls; None uses the backend's ``poll_interval_s``.
     :param max_failures: consecutive failed polls (since the last complete one) tolerated.
     :param backoff_base_s: first reconnect delay; doubles per failure up to ``backoff_max_s``,
         with jitter so many triggers do not reconnect in lockstep.
@@ -182,7 +170,6 @@ class SlurmJobTrigger(BaseTrigger):
         connected = False
         failures = 0  # consecutive, since the last *complete* poll
         last: list[TaskStatus] | None = None
-        polls = 0  # complete polls that found the job unfinished
         try:
             while True:
                 try:
@@ -223,8 +210,7 @@ class SlurmJobTrigger(BaseTrigger):
                         "success" if ok else "failed", statuses, f"job {self.job_id} ended"
                     )
                     return
-                polls += 1
-                await asyncio.sleep(poll_delay(interval, polls))
+                await asyncio.sleep(interval)
         except Exception as exc:  # anything unexpected still ends with the one final event
             self.log.exception("Trigger for job %s failed", self.job_id)
             yield self._event("error", last, f"trigger error for job {self.job_id}: {exc!r}")
