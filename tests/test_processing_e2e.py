@@ -15,6 +15,7 @@ import subprocess
 import sys
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -39,6 +40,31 @@ def _rms_drift_error(estimated: list, truth: list) -> float:
     return best
 
 
+def _simulate_and_process(
+    scope: str, session: str, group: str, cwd: Path, simulator_args: list[str]
+) -> Any:
+    """Write a session with the simulator, then run it through the microscope's ingest and
+    processing DAGs (24 frames, 2 Å/px, as the simulator wrote them); every processing run
+    must succeed."""
+    subprocess.run(
+        [sys.executable, "-m", "cryoflow.simulator", *simulator_args],
+        check=True, capture_output=True, env={**os.environ, "PYTHONPATH": str(ROOT / "plugins")},
+        cwd=cwd,
+    )  # fmt: skip
+    conf = {
+        "session_name": session,
+        "unix_group": group,
+        "pixel_size_A": 2.0,
+        "dose_per_frame": 1.0,
+        "frames": 24,
+        "particle_diameter_A": 150.0,
+        "idle_timeout_minutes": 0.05,
+    }
+    runs = run_session(load_dag(f"session_{scope}"), conf, process=load_dag(f"process_{scope}"))
+    assert all(str(r.get_task_instance("process").state) == "success" for r in runs.processing)
+    return runs
+
+
 def test_session_is_processed_on_slurm_and_matches_the_truth(
     airflow_db, slurm_site, experiment_group, tmp_path
 ) -> None:
@@ -47,26 +73,11 @@ def test_session_is_processed_on_slurm_and_matches_the_truth(
     truth_dir = tmp_path / "truth"
     movie_flags = "--movies 3 --frames 24 --size 1024x1024 --pixel-size 2.0 --dose-per-frame 1.0"
     content = "--content synthetic --particles 40 --contrast 1.0 --ice 0.05 --seed 7"
-    subprocess.run(
-        [sys.executable, "-m", "cryoflow.simulator", "--layout", "serialem", "--out", str(share),
-         "--truth-dir", str(truth_dir), *movie_flags.split(), *content.split(),
-         "--session-name", HOSTILE],
-        check=True,
-        capture_output=True,
-        env={**os.environ, "PYTHONPATH": str(ROOT / "plugins")},
-        cwd=tmp_path,
+    runs = _simulate_and_process(
+        "krios2", session, experiment_group, tmp_path,
+        ["--layout", "serialem", "--out", str(share), "--truth-dir", str(truth_dir),
+         *movie_flags.split(), *content.split(), "--session-name", HOSTILE],
     )  # fmt: skip
-    conf = {
-        "session_name": session,
-        "unix_group": experiment_group,
-        "pixel_size_A": 2.0,
-        "dose_per_frame": 1.0,
-        "frames": 24,
-        "particle_diameter_A": 150.0,
-        "idle_timeout_minutes": 0.05,
-    }
-    runs = run_session(load_dag("session_krios2"), conf, process=load_dag("process_krios2"))
-    assert all(str(r.get_task_instance("process").state) == "success" for r in runs.processing)
     # ingest: one task instance per batch run; processing: one per processing run
     assert all(len(r.get_task_instances()) == 1 for r in runs.runs + runs.processing)
 
@@ -155,24 +166,12 @@ def test_an_epu_eer_session_is_processed_on_slurm_and_matches_the_truth(
     truth_dir = tmp_path / "truth"
     movie_flags = "--movies 2 --frames 24 --size 1024x1024 --pixel-size 2.0 --dose-per-frame 1.0"
     content = "--content synthetic --particles 40 --contrast 1.0 --ice 0.05 --seed 11"
-    subprocess.run(
-        [sys.executable, "-m", "cryoflow.simulator", "--layout", "epu", "--out", str(share),
-         "--truth-dir", str(truth_dir), *movie_flags.split(), *content.split(),
-         "--format", "eer", "--eer-group", "16", "--session-name", session],
-        check=True, capture_output=True, env={**os.environ, "PYTHONPATH": str(ROOT / "plugins")},
-        cwd=tmp_path,
+    _simulate_and_process(
+        "krios1", session, experiment_group, tmp_path,
+        ["--layout", "epu", "--out", str(share), "--truth-dir", str(truth_dir),
+         *movie_flags.split(), *content.split(), "--format", "eer", "--eer-group", "16",
+         "--session-name", session],
     )  # fmt: skip
-    conf = {
-        "session_name": session,
-        "unix_group": experiment_group,
-        "pixel_size_A": 2.0,
-        "dose_per_frame": 1.0,
-        "frames": 24,
-        "particle_diameter_A": 150.0,
-        "idle_timeout_minutes": 0.05,
-    }
-    runs = run_session(load_dag("session_krios1"), conf, process=load_dag("process_krios1"))
-    assert all(str(r.get_task_instance("process").state) == "success" for r in runs.processing)
     ledger = Ledger(os.environ["CRYOFLOW_LEDGER_URL"])
     movies = [f for f in ledger.files(1) if f.kind == str(FileKind.MOVIE)]
     assert len(movies) == 2 and all(f.relpath.endswith(".eer") for f in movies), movies
