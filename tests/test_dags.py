@@ -94,3 +94,29 @@ def test_dag_file_parses_in_a_plain_interpreter() -> None:
         env={**__import__("os").environ, "PYTHONPATH": str(ROOT / "plugins")},
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+#: Not needed to define the DAGs; each costs every task start (a start parses the DAG file)
+#: 0.2-1.8 s on this machine's cores, more under load: imported where they are used.
+HEAVY_AT_PARSE = ("pandas", "starfile", "mrcfile", "tifffile", "asyncssh", "paramiko", "smbprotocol")
+
+
+def test_dag_files_leave_heavy_libraries_to_the_tasks_that_use_them() -> None:
+    files = ("microscope_sessions.py", "share_cleanup.py")
+    code = (
+        "import runpy, sys\n"
+        "import airflow.sdk\n"
+        "before = set(sys.modules)\n"
+        f"[runpy.run_path('dags/' + f) for f in {files!r}]\n"
+        "print(' '.join(sorted({m.split('.')[0] for m in set(sys.modules) - before})))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**__import__("os").environ, "PYTHONPATH": str(ROOT / "plugins")},
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    loaded = set(proc.stdout.split())
+    assert not loaded & set(HEAVY_AT_PARSE), sorted(loaded & set(HEAVY_AT_PARSE))

@@ -4,7 +4,8 @@ For each step (MotionCor2, CTFFIND, DoG picker) ``plan_*`` turns a batch's verif
 argument list per movie (a job-array task) and ``record_*`` reads the tools' output files after the
 array ended, storing per-movie results (or the reason for a failure) in the ledger. The same code
 serves the real binaries and the built-in engines: only the binary named in config differs.
-No Airflow here.
+No Airflow here. pandas/starfile, mrcfile and tifffile are imported where they are used: every
+task start parses the DAG file, which loads this module, and they cost 1-2 s there.
 """
 
 from __future__ import annotations
@@ -16,11 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-import mrcfile
 import numpy as np
-import pandas as pd
-import starfile
-import tifffile
 
 from cryoflow.config import FacilityConfig
 from cryoflow.ledger import Ledger, StageState
@@ -149,6 +146,9 @@ def gain_reference(
         return gain
     out = Path(handle.dest_root) / "processed" / "gain" / f"{gain.stem}.mrc"
     if not out.exists():
+        import mrcfile
+        import tifffile
+
         make_dirs(out.parent, dir_mode)
         tmp = out.with_name(f".{out.name}.tmp")
         with mrcfile.new(tmp, overwrite=True) as mrc:
@@ -189,6 +189,9 @@ def plan_motioncor(
 
 
 def _frame_shape(movie: Path) -> tuple[int, int] | None:
+    import mrcfile
+    import tifffile
+
     try:
         if movie.suffix.lower() in (".tif", ".tiff", ".eer"):
             with tifffile.TiffFile(movie) as tif:
@@ -201,6 +204,8 @@ def _frame_shape(movie: Path) -> tuple[int, int] | None:
 
 def _eer_fractions_file(m: MoviePaths, params: SessionParams, file_mode: int) -> Path:
     """-FmIntFile grouping the EER's raw frames into the form's number of fractions."""
+    import tifffile
+
     with tifffile.TiffFile(m.movie) as tif:
         n_raw = len(tif.pages)
     group = max(1, n_raw // params.frames)
@@ -370,6 +375,9 @@ def _star_rows(root: Path, table: list[tuple[int, dict, dict]]) -> list[dict[str
 
 def _star_loop_lines(rows: list[dict[str, Any]], scratch: Path) -> list[str]:
     """The data lines starfile writes for ``rows`` (its quoting: names may hold spaces)."""
+    import pandas as pd
+    import starfile
+
     starfile.write({"micrographs": pd.DataFrame(rows)}, scratch, overwrite=True)
     try:
         lines = scratch.read_text().splitlines()
@@ -431,6 +439,9 @@ def write_micrographs_ctf_star(
     rows = _star_rows(root, ledger.ctf_table(handle.session_id, accepted_only=accepted_only))
     if not rows:
         return None
+    import pandas as pd
+    import starfile
+
     optics = pd.DataFrame(
         [
             {

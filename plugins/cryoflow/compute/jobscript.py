@@ -36,6 +36,7 @@ __all__ = [
     "DEFAULT_DIR_MODE",
     "DEFAULT_FILE_MODE",
     "DIR_MODE_ENV",
+    "EVENT_KEYS",
     "FILE_MODE_ENV",
     "SUCCESS_STATE",
     "TERMINAL_STATES",
@@ -53,6 +54,8 @@ __all__ = [
 ]
 
 SCRIPT_NAME = "job.sh"
+#: What a job trigger's event holds (the trigger writes it, the operator reads it on resume).
+EVENT_KEYS = ("status", "job_id", "job_dir", "n_tasks", "backend", "tasks", "message")
 LOG_PATTERN = "%A_%a"
 
 #: The facility defaults (config ``permissions``): owner rw + group r; setgid, group rwx.

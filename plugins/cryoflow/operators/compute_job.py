@@ -23,6 +23,7 @@ from airflow.sdk.exceptions import AirflowFailException, TaskDeferralError, Task
 from cryoflow.compute.jobscript import (
     DEFAULT_DIR_MODE,
     DEFAULT_FILE_MODE,
+    EVENT_KEYS,
     ComputeClient,
     JobLayout,
     SubmittedJob,
@@ -33,11 +34,11 @@ from cryoflow.compute.jobscript import (
 from cryoflow.compute.local import LocalCompute
 from cryoflow.compute.settings import LocalBackend, SlurmBackend, parse_backend
 from cryoflow.compute.slurm import SlurmTransientError
-from cryoflow.hooks.slurm import SlurmHook
-from cryoflow.triggers.slurm_job import EVENT_KEYS, SlurmJobTrigger
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
+
+    from cryoflow.triggers.slurm_job import SlurmJobTrigger
 
 __all__ = [
     "ArrayJobs",
@@ -64,6 +65,10 @@ class ComputeJobFailed(AirflowFailException):
 def compute_client(settings: SlurmBackend | LocalBackend) -> ComputeClient:
     """The client for a backend: Slurm over SSH or local (same methods, see ComputeClient)."""
     if isinstance(settings, SlurmBackend):
+        # Imported here, as the trigger below: paramiko/asyncssh cost every task start (each
+        # parses the DAG file) ~0.5 s, and most resumes only read a trigger event.
+        from cryoflow.hooks.slurm import SlurmHook
+
         return SlurmHook(settings.ssh_conn_id)
     return LocalCompute(settings)
 
@@ -125,6 +130,8 @@ class ArrayJobs:
             return []
 
     def trigger(self, job: SubmittedJob) -> SlurmJobTrigger:
+        from cryoflow.triggers.slurm_job import SlurmJobTrigger
+
         return SlurmJobTrigger(
             backend=self.backend.model_dump(mode="json"),
             job_id=job.job_id,

@@ -32,15 +32,13 @@ from cryoflow.compute.slurm import (
 if TYPE_CHECKING:
     from asyncssh import SSHClientConnection
 
-__all__ = ["EVENT_KEYS", "SlurmJobTrigger"]
+__all__ = ["SlurmJobTrigger"]
 
 # Connection-level trouble worth a reconnect: refused/reset sockets, SSH protocol errors and
 # disconnects, timeouts, and Slurm's own "controller busy/unreachable" answers. A refused key or
 # an unverifiable host key will not heal by retrying: those end the trigger at once.
 _RETRYABLE = (OSError, asyncssh.Error, TimeoutError, SlurmTransientError)
 _PERMANENT = (asyncssh.PermissionDenied, asyncssh.HostKeyNotVerifiable)
-
-EVENT_KEYS = ("status", "job_id", "job_dir", "n_tasks", "backend", "tasks", "message")
 
 
 class SlurmJobTrigger(BaseTrigger):
