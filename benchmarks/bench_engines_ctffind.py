@@ -33,11 +33,11 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "plugins"))
 
-from cryoflow.engines import ctffind as engine  # noqa: E402
-from cryoflow.engines import synthetic as syn  # noqa: E402
-from cryoflow.engines.ctf_model import CTFParams  # noqa: E402
-from cryoflow.engines.imageio import open_movie, write_mrc  # noqa: E402
-from cryoflow.tools.ctffind import (  # noqa: E402
+from cryoflow.processing.engines import ctffind as engine  # noqa: E402
+from cryoflow.processing.engines import synthetic as syn  # noqa: E402
+from cryoflow.processing.engines.ctf_model import CTFParams  # noqa: E402
+from cryoflow.processing.engines.imageio import open_movie, write_mrc  # noqa: E402
+from cryoflow.processing.tools.ctffind import (  # noqa: E402
     CtffindParams,
     output_paths,
     parse_ctffind_txt,

@@ -48,16 +48,16 @@ from scipy import ndimage
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "plugins"))
 
-from cryoflow.engines import synthetic as syn  # noqa: E402
-from cryoflow.engines.ctf_model import CTFParams  # noqa: E402
-from cryoflow.engines.dogpicker import (  # noqa: E402
+from cryoflow.processing.engines import synthetic as syn  # noqa: E402
+from cryoflow.processing.engines.ctf_model import CTFParams  # noqa: E402
+from cryoflow.processing.engines.dogpicker import (  # noqa: E402
     DogSettings,
     MatchResult,
     _bin_image,
     match_picks,
     pick,
 )
-from cryoflow.engines.imageio import write_mrc  # noqa: E402
+from cryoflow.processing.engines.imageio import write_mrc  # noqa: E402
 
 APIX = 1.0
 DIAM_A = 180.0
@@ -203,7 +203,7 @@ def command_seconds(image: np.ndarray, workdir: Path) -> float:
     probe = (
         "import sys, time\n"
         "import pandas, starfile, PIL.Image, PIL.ImageDraw, scipy.ndimage, scipy.fft\n"
-        "from cryoflow.engines.dogpicker import main\n"
+        "from cryoflow.processing.engines.dogpicker import main\n"
         "t = time.perf_counter(); rc = main(sys.argv[1:]); dt = time.perf_counter() - t\n"
         "print('BENCH', dt, file=sys.stderr); sys.exit(rc)\n"
     )

@@ -8,7 +8,8 @@ baseline (scikit-image's phase_cross_correlation when installed, else our own up
     .venv/bin/python benchmarks/bench_engines_motioncor.py --quick    # 1024 px only
     .venv/bin/python benchmarks/bench_engines_motioncor.py --local --k3-only --std 0.02 0.01
 
-``--local``: movies with a smooth local deformation (2 px, :mod:`cryoflow.engines.synthetic_motion`)
+``--local``: movies with a smooth local deformation (2 px,
+:mod:`cryoflow.processing.engines.synthetic_motion`)
 at a realistic image std; each is summed globally and with ``-Patch 5 5 -Group 1 4``, and the
 sums are compared with the noise-free specimen (band correlation), the trajectories with the
 truth (drift error; local shift error at the patch centres). Peak memory is the engine
@@ -40,10 +41,10 @@ import scipy.fft as sfft
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "plugins"))
 
-from cryoflow.engines import motioncor as mc  # noqa: E402
-from cryoflow.engines import synthetic as syn  # noqa: E402
-from cryoflow.engines import synthetic_motion as smo  # noqa: E402
-from cryoflow.engines.ctf_model import CTFParams  # noqa: E402
+from cryoflow.processing.engines import motioncor as mc  # noqa: E402
+from cryoflow.processing.engines import synthetic as syn  # noqa: E402
+from cryoflow.processing.engines import synthetic_motion as smo  # noqa: E402
+from cryoflow.processing.engines.ctf_model import CTFParams  # noqa: E402
 
 SIZES = {
     "K3 5760x4092 x40": (4092, 5760, 40),
@@ -105,7 +106,7 @@ def run_engine(movie: Path, out_dir: Path, patch: int = 0, group: int = 1) -> di
 import json, resource, sys, time, tracemalloc
 sys.path.insert(0, {str(Path(__file__).resolve().parents[1] / "plugins")!r})
 from pathlib import Path
-from cryoflow.engines import motioncor as mc
+from cryoflow.processing.engines import motioncor as mc
 tracemalloc.start()
 t = time.perf_counter()
 out = Path({str(out_dir)!r})

@@ -53,7 +53,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "plugins"))
 
-from cryoflow.ledger import FileRow, FileState, Ledger, StageRow, StageState, get_engine  # noqa: E402
+from cryoflow.ledger.store import FileRow, FileState, Ledger, StageRow, StageState, get_engine  # noqa: E402
 from cryoflow.triggers.share_watch import DONE_FILES  # noqa: E402
 
 BIN = ROOT / ".venv" / "bin"
@@ -642,7 +642,7 @@ def postgres_db() -> str | None:
 def drop_postgres(name: str) -> None:
     import psycopg
 
-    from cryoflow import ledger as ledger_module
+    from cryoflow.ledger import store as ledger_module
 
     engine = ledger_module._ENGINES.pop(PG_URL.format(db=name), None)
     if engine is not None:
@@ -696,7 +696,7 @@ def part_poll(sizes: list[int]) -> dict[int, tuple[float, float]]:
             return out
     except Exception as exc:  # noqa: BLE001 (fall back to the minimal poll below)
         log(f"bench_watch.py not usable ({exc}); minimal scan_tree vs find")
-    from cryoflow.share.scan import scan_tree
+    from cryoflow.ingest.share.scan import scan_tree
 
     out = {}
     with tempfile.TemporaryDirectory(prefix="bench_poll_") as tmp:

@@ -50,9 +50,10 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "plugins"))
 
-from cryoflow import transfer as transfer_module  # noqa: E402
 from cryoflow.config import FacilityConfig, load_site  # noqa: E402
-from cryoflow.ledger import Ledger  # noqa: E402
+from cryoflow.ingest import transfer as transfer_module  # noqa: E402
+from cryoflow.ingest.transfer import copy_verified, file_checksum  # noqa: E402
+from cryoflow.ledger.store import Ledger  # noqa: E402
 from cryoflow.names import to_text  # noqa: E402
 from cryoflow.session import (  # noqa: E402
     SessionHandle,
@@ -62,7 +63,6 @@ from cryoflow.session import (  # noqa: E402
     open_session,
     transfer_batch,
 )
-from cryoflow.transfer import copy_verified, file_checksum  # noqa: E402
 
 SCOPE = "krios1"  # EPU layout
 PARTS = ("movies", "small", "readback", "latency")

@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT / "plugins"))
 
 from sqlalchemy import func, insert, select, text  # noqa: E402
 
-from cryoflow.ledger import (  # noqa: E402
+from cryoflow.ledger.store import (  # noqa: E402
     FileRow,
     FileState,
     SessionRow,

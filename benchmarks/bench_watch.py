@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "plugins"))
 
-from cryoflow.share.scan import scan_tree  # noqa: E402
+from cryoflow.ingest.share.scan import scan_tree  # noqa: E402
 
 EXCLUDE = ("*.jpg", "*.jpeg")  # config/microscopes/krios1.yaml
 PER_SQUARE = 300  # files per GridSquare_N/Data folder, about what EPU writes per square

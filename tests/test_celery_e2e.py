@@ -30,8 +30,8 @@ import numpy as np
 import pytest
 import xxhash
 
-from cryoflow.ledger import FileState, Ledger, StageState
-from cryoflow.share.layout import FileKind
+from cryoflow.ingest.share.layout import FileKind
+from cryoflow.ledger.store import FileState, Ledger, StageState
 from tests.celery_stack import CeleryStack, celery_stack, wait_workers_ready
 from tests.conftest import ROOT
 from tests.ui_browser import demo_site, wait_for
@@ -52,7 +52,7 @@ ATLAS_SHAPE = (8192, 16384)  # float32: 512 MiB
 
 
 def _digest(path: Path) -> str:
-    h = xxhash.xxh3_128()  # the ledger's algorithm (cryoflow.transfer.CHECKSUM_ALGORITHM)
+    h = xxhash.xxh3_128()  # the ledger's algorithm (cryoflow.ingest.transfer.CHECKSUM_ALGORITHM)
     with path.open("rb") as f:
         while chunk := f.read(8 << 20):
             h.update(chunk)

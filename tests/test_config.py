@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from cryoflow.compute.jobscript import DEFAULT_DIR_MODE, DEFAULT_FILE_MODE
 from cryoflow.config import (
     ConfigError,
     PermissionsConfig,
@@ -16,6 +15,7 @@ from cryoflow.config import (
     load_facility,
     load_site,
 )
+from cryoflow.processing.compute.jobscript import DEFAULT_DIR_MODE, DEFAULT_FILE_MODE
 
 SHIPPED = Path(__file__).resolve().parents[1] / "config"
 

@@ -25,7 +25,8 @@ import pytest
 import tifffile
 
 from cryoflow.config import load_site
-from cryoflow.ledger import FileState, Ledger
+from cryoflow.ingest.transfer import PARTIAL_SUFFIX, file_checksum
+from cryoflow.ledger.store import FileState, Ledger
 from cryoflow.operators.ingest_batch import watch_trigger
 from cryoflow.session import (
     BatchReport,
@@ -35,7 +36,6 @@ from cryoflow.session import (
     open_session,
     write_summary,
 )
-from cryoflow.transfer import PARTIAL_SUFFIX, file_checksum
 
 FRAMES = 8
 MOVIE = "Images-Disc1/GridSquare_1/Data/FoilHole_1_Data_2_3_20240101_120000_fractions.tiff"
@@ -348,7 +348,8 @@ def test_unreadable_folder_is_skipped_with_a_warning(ingest: Ingest) -> None:
     for folder in [ingest.share, *ingest.share.parents]:
         folder.chmod(folder.stat().st_mode | 0o005)
     code = (
-        "import json, sys; from pathlib import Path; from cryoflow.share.scan import scan_tree;"
+        "import json, sys; from pathlib import Path;"
+        "from cryoflow.ingest.share.scan import scan_tree;"
         "r = scan_tree(Path(sys.argv[1])); print(json.dumps([sorted(r.files), r.errors]))"
     )
     plugins = Path(__file__).resolve().parents[1] / "plugins"

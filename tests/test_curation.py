@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import starfile
 
-from cryoflow import curation
 from cryoflow.config import CurationAlert, CurationThresholds, NotifierConfig, load_site
-from cryoflow.ledger import Ledger, StageState
-from cryoflow.processing import write_micrographs_ctf_star
+from cryoflow.ledger.store import Ledger, StageState
+from cryoflow.processing import curation
+from cryoflow.processing.batch import write_micrographs_ctf_star
 from cryoflow.session import SessionHandle, SessionParams, SessionParamsError, form_params
 from cryoflow.view.queries import DEFAULT_THRESHOLDS, thresholds_for
 

@@ -98,7 +98,9 @@ def test_dag_file_parses_in_a_plain_interpreter() -> None:
 
 #: Not needed to define the DAGs; each costs every task start (a start parses the DAG file)
 #: 0.2-1.8 s on this machine's cores, more under load: imported where they are used.
-HEAVY_AT_PARSE = ("pandas", "starfile", "mrcfile", "tifffile", "asyncssh", "paramiko", "smbprotocol")
+HEAVY_AT_PARSE = (
+    "pandas", "starfile", "mrcfile", "tifffile", "asyncssh", "paramiko", "smbprotocol"
+)  # fmt: skip
 
 
 def test_dag_files_leave_heavy_libraries_to_the_tasks_that_use_them() -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine, text
 
-from cryoflow.ledger import FileState, Ledger, StageState
+from cryoflow.ledger.store import FileState, Ledger, StageState
 
 PG_ADMIN_URL = os.environ.get(
     "CRYOFLOW_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
@@ -30,7 +30,7 @@ def _postgres_url() -> Iterator[str]:
             pytest.fail(f"PostgreSQL at {PG_ADMIN_URL} is required in CI: {exc}")
         pytest.skip(f"PostgreSQL not reachable at {PG_ADMIN_URL}: {exc}")
     yield PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
-    from cryoflow.ledger import _ENGINES
+    from cryoflow.ledger.store import _ENGINES
 
     for url in [u for u in _ENGINES if u.endswith(f"/{name}")]:
         _ENGINES.pop(url).dispose()

@@ -20,9 +20,9 @@ from alembic.operations import Operations
 from sqlalchemy import Engine, create_engine, event, inspect, text
 from sqlalchemy.exc import IntegrityError
 
-from cryoflow import ledger_schema
-from cryoflow.ledger import _ENGINES, Base, Ledger, get_engine, resolve_url
-from cryoflow.ledger_schema import VERSION_TABLE, LedgerSchemaError
+from cryoflow.ledger import schema as ledger_schema
+from cryoflow.ledger.schema import VERSION_TABLE, LedgerSchemaError
+from cryoflow.ledger.store import _ENGINES, Base, Ledger, get_engine, resolve_url
 from tests.test_ledger import _postgres_url
 
 TABLES = ("cryoflow_cleanup", "cryoflow_stages", "cryoflow_files", "cryoflow_sessions")
@@ -335,7 +335,7 @@ def test_a_newer_cryoflows_revision_is_left_alone(
     with engine.begin() as conn:
         conn.execute(text(f"UPDATE {VERSION_TABLE} SET version_num = '9999'"))
     engine.dispose()
-    with caplog.at_level(logging.WARNING, logger="cryoflow.ledger_schema"):
+    with caplog.at_level(logging.WARNING, logger="cryoflow.ledger.schema"):
         get_engine(url)
     assert "does not know" in _logged(caplog, capsys)
     assert _revision(url) == "9999"
@@ -453,8 +453,8 @@ def test_migrations_are_shipped_as_package_data() -> None:
     project = tomllib.loads((root / "pyproject.toml").read_text())
     assert (
         "script.py.mako"
-        in project["tool"]["setuptools"]["package-data"]["cryoflow.ledger_migrations"]
+        in project["tool"]["setuptools"]["package-data"]["cryoflow.ledger.migrations"]
     )
     assert any(dep.startswith("alembic==") for dep in project["project"]["dependencies"])
-    for package in ("ledger_migrations", "ledger_migrations/versions"):
+    for package in ("ledger/migrations", "ledger/migrations/versions"):
         assert (root / "plugins" / "cryoflow" / package / "__init__.py").is_file()

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import starfile
 
-from cryoflow.ledger import Ledger, StageState
-from cryoflow.processing import write_micrographs_ctf_star
+from cryoflow.ledger.store import Ledger, StageState
+from cryoflow.processing.batch import write_micrographs_ctf_star
 from cryoflow.session import SessionHandle, SessionParams
 
 PARAMS = SessionParams(

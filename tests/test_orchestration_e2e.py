@@ -25,9 +25,9 @@ from pathlib import Path
 import pytest
 import starfile
 
-from cryoflow.ledger import FileState, Ledger, StageState
-from cryoflow.share.scan import scan_tree
-from cryoflow.transfer import PARTIAL_SUFFIX, partial_path
+from cryoflow.ingest.share.scan import scan_tree
+from cryoflow.ingest.transfer import PARTIAL_SUFFIX, partial_path
+from cryoflow.ledger.store import FileState, Ledger, StageState
 from tests.airflow_helpers import closed_by, load_dag, run_session
 from tests.conftest import ROOT
 

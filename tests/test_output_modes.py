@@ -18,18 +18,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cryoflow.compute import jobscript
-from cryoflow.compute.jobscript import JobLayout, SubmittedJob, TaskStatus, build_array_script
-from cryoflow.compute.local import LocalCompute
-from cryoflow.compute.settings import LocalBackend
-from cryoflow.engines import imageio
-from cryoflow.engines import synthetic as syn
-from cryoflow.engines.ctf_model import CTFParams
-from cryoflow.engines.imageio import atomic_path, write_mrc
-from cryoflow.session_tree import SessionPaths, create_session_tree
-from cryoflow.tools import ctffind as ctffind_tool
-from cryoflow.tools import dogpicker as dogpicker_tool
-from cryoflow.tools import motioncor2 as motioncor_tool
+from cryoflow.ingest.session_tree import SessionPaths, create_session_tree
+from cryoflow.processing.compute import jobscript
+from cryoflow.processing.compute.jobscript import (
+    JobLayout,
+    SubmittedJob,
+    TaskStatus,
+    build_array_script,
+)
+from cryoflow.processing.compute.local import LocalCompute
+from cryoflow.processing.compute.settings import LocalBackend
+from cryoflow.processing.engines import imageio
+from cryoflow.processing.engines import synthetic as syn
+from cryoflow.processing.engines.ctf_model import CTFParams
+from cryoflow.processing.engines.imageio import atomic_path, write_mrc
+from cryoflow.processing.tools import ctffind as ctffind_tool
+from cryoflow.processing.tools import dogpicker as dogpicker_tool
+from cryoflow.processing.tools import motioncor2 as motioncor_tool
 
 FILE_MODE, DIR_MODE = 0o640, 0o2770
 BIN = Path(sys.executable).parent

@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from cryoflow.ledger import Ledger, StageState
-from cryoflow.share.layout import FileKind
+from cryoflow.ingest.share.layout import FileKind
+from cryoflow.ledger.store import Ledger, StageState
 from tests.airflow_helpers import ROOT, load_dag, run_session
 
 pytestmark = [pytest.mark.slow, pytest.mark.services]

@@ -23,10 +23,10 @@ import pytest
 import tifffile
 
 from cryoflow.config import load_site
-from cryoflow.ledger import FileState, Ledger
-from cryoflow.share.layout import FileKind, Layout, classify
-from cryoflow.share.scan import scan_tree
-from cryoflow.transfer import PARTIAL_SUFFIX, file_checksum
+from cryoflow.ingest.share.layout import FileKind, Layout, classify
+from cryoflow.ingest.share.scan import scan_tree
+from cryoflow.ingest.transfer import PARTIAL_SUFFIX, file_checksum
+from cryoflow.ledger.store import FileState, Ledger
 from tests.airflow_helpers import load_dag, run_session
 from tests.conftest import ROOT
 

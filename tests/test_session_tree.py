@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from cryoflow.session_tree import (
+from cryoflow.ingest.session_tree import (
     PermissionSetupError,
     SessionPaths,
     create_session_tree,

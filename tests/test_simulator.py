@@ -17,11 +17,11 @@ import pytest
 import tifffile
 from pydantic import ValidationError
 
-from cryoflow.engines.eer import read_fm_int_file
-from cryoflow.engines.imageio import open_movie
-from cryoflow.share.completeness import check_complete
-from cryoflow.share.layout import FileKind, Layout, MovieFormat, classify, metadata_for_movie
-from cryoflow.share.metadata import read_epu_xml, read_mdoc, read_mdoc_sections
+from cryoflow.ingest.share.completeness import check_complete
+from cryoflow.ingest.share.layout import FileKind, Layout, MovieFormat, classify, metadata_for_movie
+from cryoflow.ingest.share.metadata import read_epu_xml, read_mdoc, read_mdoc_sections
+from cryoflow.processing.engines.eer import read_fm_int_file
+from cryoflow.processing.engines.imageio import open_movie
 from cryoflow.simulator import Content, SimulatorConfig, main, simulate_session
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from cryoflow.ledger import FileState, Ledger
+from cryoflow.ledger.store import FileState, Ledger
 from tests.airflow_helpers import closed_by, load_dag
 from tests.conftest import ROOT
 from tests.test_orchestration_e2e import _driver as driver

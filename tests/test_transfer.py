@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import xxhash
 
-from cryoflow.transfer import (
+from cryoflow.ingest.transfer import (
     DestinationTakenError,
     SourceChangedError,
     copy_verified,
@@ -105,7 +105,7 @@ def test_names_with_shell_metacharacters_are_plain_data(tmp_path: Path) -> None:
 
 
 def test_missing_source_names_the_file(tmp_path: Path) -> None:
-    from cryoflow.transfer import TransferError
+    from cryoflow.ingest.transfer import TransferError
 
     with pytest.raises(TransferError, match="nothere.tiff"):
         copy_verified(tmp_path / "nothere.tiff", tmp_path / "out" / "x")

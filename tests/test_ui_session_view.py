@@ -30,8 +30,8 @@ from typing import Any
 import httpx
 import pytest
 
-from cryoflow.ledger import Ledger, StageState
-from cryoflow.share.layout import FileKind
+from cryoflow.ingest.share.layout import FileKind
+from cryoflow.ledger.store import Ledger, StageState
 from tests.conftest import ROOT
 from tests.ui_browser import (
     Browser,

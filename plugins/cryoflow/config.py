@@ -27,9 +27,9 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from cryoflow.archive.settings import ArchiveConfig, CleanupConfig
-from cryoflow.compute.jobscript import DEFAULT_DIR_MODE, DEFAULT_FILE_MODE
-from cryoflow.compute.settings import ComputeBackend
-from cryoflow.share.layout import Layout
+from cryoflow.ingest.share.layout import Layout
+from cryoflow.processing.compute.jobscript import DEFAULT_DIR_MODE, DEFAULT_FILE_MODE
+from cryoflow.processing.compute.settings import ComputeBackend
 
 CONFIG_DIR_ENV = "CRYOFLOW_CONFIG_DIR"
 FACILITY_FILE = "facility.yaml"

@@ -22,14 +22,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from cryoflow.archive.aggregate import AggregateError, aggregate_small_files, aggregate_status
 from cryoflow.archive.tagging import tag_summary, tag_verified
 from cryoflow.config import CurationThresholds, FacilityConfig, MicroscopeConfig
-from cryoflow.ledger import CopyClaim, CopyStart, FileState, Ledger, Verified
-from cryoflow.names import from_text, shown, to_text
-from cryoflow.session_tree import SessionPaths, create_session_tree, resolve_gid
-from cryoflow.share.layout import classify
-from cryoflow.share.scan import PathResolver, UnsafePathError, safe_relpath
-from cryoflow.share.source import SourceFile, is_smb_root, session_root, source_for
-from cryoflow.steps import Switches, first_steps
-from cryoflow.transfer import (
+from cryoflow.ingest.session_tree import SessionPaths, create_session_tree, resolve_gid
+from cryoflow.ingest.share.layout import classify
+from cryoflow.ingest.share.scan import PathResolver, UnsafePathError, safe_relpath
+from cryoflow.ingest.share.source import SourceFile, is_smb_root, session_root, source_for
+from cryoflow.ingest.transfer import (
     CHECKSUM_ALGORITHM,
     CopyResult,
     SourceChangedError,
@@ -41,6 +38,9 @@ from cryoflow.transfer import (
     stage_copy,
     sync_filesystem,
 )
+from cryoflow.ledger.store import CopyClaim, CopyStart, FileState, Ledger, Verified
+from cryoflow.names import from_text, shown, to_text
+from cryoflow.processing.steps import Switches, first_steps
 
 log = logging.getLogger(__name__)
 

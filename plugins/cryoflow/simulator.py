@@ -19,7 +19,8 @@ What a session looks like on disk, and what is simplified:
   integrated ``.mrc`` beside each movie (the pipeline does not use them); EpuSession.dm is a
   minimal document.
 * EER (``format="eer"``, either layout): each of the ``frames`` fractions is written as
-  ``eer_group`` raw frames (pages) by :mod:`cryoflow.engines.eer`'s encoder; a fraction's counts
+  ``eer_group`` raw frames (pages) by :mod:`cryoflow.processing.engines.eer`'s encoder; a
+  fraction's counts
   are dealt to distinct raw frames at random (at most one electron per pixel per raw frame, as a
   Falcon records them), with random sub-pixel positions. The drift is the fraction's for all its
   raw frames, so ``shifts_px`` in the truth (one row per fraction) is exactly what MotionCor2 with
@@ -29,7 +30,8 @@ What a session looks like on disk, and what is simplified:
   writes), and the frame sums appended to a growing ``<name>.mrc`` whose ``.mrc.mdoc`` is
   rewritten after each image.
 * ``content="noise"`` writes flat Poisson frames (fast; nothing to find but the gain pattern);
-  ``"synthetic"`` renders CTF-modulated particles with drift with :mod:`cryoflow.engines.synthetic`.
+  ``"synthetic"`` renders CTF-modulated particles with drift with
+  :mod:`cryoflow.processing.engines.synthetic`.
 
 The command-line face (``cryoflow-simulate``) prints one JSON line per finished movie, flushed,
 and stops cleanly (between two frames) on SIGTERM/SIGINT; a movie cut short keeps its partial
@@ -57,9 +59,10 @@ from xml.sax.saxutils import escape
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from cryoflow.engines.ctf_model import CTFParams
-from cryoflow.engines.imageio import atomic_path, write_preview
-from cryoflow.engines.synthetic import (
+from cryoflow.ingest.share.layout import FileKind, Layout, MovieFormat, classify, metadata_for_movie
+from cryoflow.processing.engines.ctf_model import CTFParams
+from cryoflow.processing.engines.imageio import atomic_path, write_preview
+from cryoflow.processing.engines.synthetic import (
     MovieTruth,
     apply_ctf,
     default_drift,
@@ -69,8 +72,7 @@ from cryoflow.engines.synthetic import (
     write_gain_mrc,
     write_truth_json,
 )
-from cryoflow.share.layout import FileKind, Layout, MovieFormat, classify, metadata_for_movie
-from cryoflow.tools.motioncor2 import fm_int_file_text
+from cryoflow.processing.tools.motioncor2 import fm_int_file_text
 
 __all__ = ["Content", "SimulatedMovie", "SimulatorConfig", "main", "simulate_session"]
 
@@ -273,7 +275,7 @@ class _EerStream:
         rng: np.random.Generator,
         metadata: dict[str, Any],
     ):
-        from cryoflow.engines.eer import EerWriter
+        from cryoflow.processing.engines.eer import EerWriter
 
         self.group, self.rng = group, rng
         self.writer = EerWriter(fh, shape[1:], metadata)

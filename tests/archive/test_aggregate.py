@@ -21,7 +21,7 @@ from cryoflow.archive.aggregate import (
     verify_aggregate,
 )
 from cryoflow.archive.tagging import read_tags, tag_verified
-from cryoflow.transfer import CHECKSUM_ALGORITHM, PARTIAL_SUFFIX, file_checksum
+from cryoflow.ingest.transfer import CHECKSUM_ALGORITHM, PARTIAL_SUFFIX, file_checksum
 
 PREFIX = "user.cryoflow."
 NOT_UTF8 = [b"raw/caf\xe9/GridSquare_1.xml", b"raw/\xff\xfe.mdoc"]

@@ -34,10 +34,10 @@ from cryoflow.archive.cleanup import (
 )
 from cryoflow.archive.settings import CleanupConfig
 from cryoflow.config import load_site
-from cryoflow.ledger import FileRow, FileState, Ledger, SessionRow
+from cryoflow.ingest.transfer import file_checksum
+from cryoflow.ledger.store import FileRow, FileState, Ledger, SessionRow
 from cryoflow.operators.ingest_batch import watch_trigger
 from cryoflow.session import SessionParams, form_defaults, ingest_event, open_session
-from cryoflow.transfer import file_checksum
 from tests.conftest import ROOT
 
 FRAMES = 8
@@ -171,7 +171,7 @@ def any_ledger(
         return
     from sqlalchemy import create_engine, text
 
-    from cryoflow.ledger import _ENGINES
+    from cryoflow.ledger.store import _ENGINES
 
     name = f"cryoflow_cleanup_{uuid.uuid4().hex[:8]}"
     admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")

@@ -16,7 +16,7 @@ import tifffile
 from cryoflow.archive.cleanup import Action, Reason, run_cleanup, sources_for
 from cryoflow.archive.settings import CleanupConfig
 from cryoflow.config import ShareConfig, load_site
-from cryoflow.ledger import FileState, Ledger
+from cryoflow.ledger.store import FileState, Ledger
 from cryoflow.operators.ingest_batch import watch_trigger
 from cryoflow.session import SessionParams, form_defaults, ingest_event, open_session
 from tests.services_fixtures import SambaService

@@ -21,7 +21,7 @@ from cryoflow.archive.ilm_policy import (
 from cryoflow.archive.settings import ArchiveConfig
 from cryoflow.archive.tagging import tag_verified
 from cryoflow.config import load_facility
-from cryoflow.transfer import CHECKSUM_ALGORITHM, file_checksum
+from cryoflow.ingest.transfer import CHECKSUM_ALGORITHM, file_checksum
 
 ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = ROOT / "config" / "gpfs" / "hsm-migrate.pol"

@@ -9,14 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from cryoflow.compute.jobscript import (
+from cryoflow.processing.compute.jobscript import (
     JobLayout,
     build_array_script,
     job_umask,
     script_modes,
     slurm_directives,
 )
-from cryoflow.compute.settings import parse_backend
+from cryoflow.processing.compute.settings import parse_backend
 
 HOSTILE = "mov $(touch pwned_marker) `touch pwned_marker2`.tif"
 

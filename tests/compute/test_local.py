@@ -6,9 +6,14 @@ import os
 import time
 from pathlib import Path
 
-from cryoflow.compute.jobscript import JobLayout, SubmittedJob, TaskStatus, build_array_script
-from cryoflow.compute.local import LocalCompute
-from cryoflow.compute.settings import LocalBackend
+from cryoflow.processing.compute.jobscript import (
+    JobLayout,
+    SubmittedJob,
+    TaskStatus,
+    build_array_script,
+)
+from cryoflow.processing.compute.local import LocalCompute
+from cryoflow.processing.compute.settings import LocalBackend
 
 
 def _wait(client: LocalCompute, job: SubmittedJob, timeout_s: float = 20) -> list[TaskStatus]:

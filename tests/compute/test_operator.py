@@ -11,15 +11,15 @@ import pytest
 from airflow.sdk.bases.operator import TRIGGER_FAIL_REPR, TriggerFailureReason
 from airflow.sdk.exceptions import TaskDeferralTimeout, TaskDeferred
 
-from cryoflow.compute.jobscript import SubmittedJob
-from cryoflow.compute.local import LocalCompute
-from cryoflow.compute.settings import LocalBackend
 from cryoflow.operators.compute_job import (
     XCOM_KEY,
     ComputeArrayOperator,
     ComputeJobError,
     ComputeJobFailed,
 )
+from cryoflow.processing.compute.jobscript import SubmittedJob
+from cryoflow.processing.compute.local import LocalCompute
+from cryoflow.processing.compute.settings import LocalBackend
 from cryoflow.triggers.slurm_job import SlurmJobTrigger
 from tests.services_fixtures import SlurmServices
 

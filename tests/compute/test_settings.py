@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from cryoflow.compute.settings import LocalBackend, SlurmBackend, parse_backend
+from cryoflow.processing.compute.settings import LocalBackend, SlurmBackend, parse_backend
 
 SLURM = {
     "kind": "slurm",

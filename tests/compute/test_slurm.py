@@ -13,8 +13,13 @@ from typing import Any
 
 import pytest
 
-from cryoflow.compute.jobscript import JobLayout, SubmittedJob, TaskStatus, build_array_script
 from cryoflow.hooks.slurm import SlurmCommandError, SlurmHook, build_poll_command
+from cryoflow.processing.compute.jobscript import (
+    JobLayout,
+    SubmittedJob,
+    TaskStatus,
+    build_array_script,
+)
 from cryoflow.triggers.slurm_job import SlurmJobTrigger
 from tests.services_fixtures import SERVICES_SH, SlurmServices
 

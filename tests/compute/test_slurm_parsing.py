@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import pytest
 
-from cryoflow.compute.jobscript import SubmittedJob, TaskStatus
-from cryoflow.compute.slurm import (
+from cryoflow.processing.compute.jobscript import SubmittedJob, TaskStatus
+from cryoflow.processing.compute.slurm import (
     SlurmCommandError,
     SlurmTransientError,
     build_poll_command,

@@ -18,11 +18,11 @@ import mrcfile
 import numpy as np
 import pytest
 
-from cryoflow.engines import ctffind as engine
-from cryoflow.engines import synthetic as syn
-from cryoflow.engines.ctf_model import CTFParams, electron_wavelength_A
-from cryoflow.engines.imageio import write_mrc
-from cryoflow.tools.ctffind import (
+from cryoflow.processing.engines import ctffind as engine
+from cryoflow.processing.engines import synthetic as syn
+from cryoflow.processing.engines.ctf_model import CTFParams, electron_wavelength_A
+from cryoflow.processing.engines.imageio import write_mrc
+from cryoflow.processing.tools.ctffind import (
     CtffindParams,
     output_paths,
     parse_avrot,
@@ -461,7 +461,7 @@ def test_console_command_reads_stdin_and_exits_nonzero_on_error(
 ) -> None:
     env = {**os.environ, "LC_ALL": "C", "PYTHONPATH": str(REPO / "plugins")}
     bad = subprocess.run(
-        [sys.executable, "-m", "cryoflow.engines.ctffind"],
+        [sys.executable, "-m", "cryoflow.processing.engines.ctffind"],
         input=_answers(tmp_path, small_mic, maxres="40"),
         capture_output=True,
         text=True,

@@ -20,10 +20,10 @@ import pytest
 import starfile
 from PIL import Image
 
-from cryoflow.engines import dogpicker
-from cryoflow.engines import synthetic as syn
-from cryoflow.engines.ctf_model import CTFParams
-from cryoflow.engines.dogpicker import (
+from cryoflow.processing.engines import dogpicker
+from cryoflow.processing.engines import synthetic as syn
+from cryoflow.processing.engines.ctf_model import CTFParams
+from cryoflow.processing.engines.dogpicker import (
     DogSettings,
     MatchResult,
     PickError,
@@ -31,7 +31,7 @@ from cryoflow.engines.dogpicker import (
     match_picks,
     pick,
 )
-from cryoflow.engines.imageio import write_mrc
+from cryoflow.processing.engines.imageio import write_mrc
 
 REPO = Path(__file__).resolve().parents[2]
 APIX = 1.5
@@ -405,7 +405,7 @@ def test_cli_runs_as_a_program(tmp_path, small_mrc):
     cmd = [
         sys.executable,
         "-m",
-        "cryoflow.engines.dogpicker",
+        "cryoflow.processing.engines.dogpicker",
         "-i",
         str(small_mrc),
         "-o",

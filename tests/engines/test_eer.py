@@ -20,22 +20,27 @@ import numpy as np
 import pytest
 import tifffile
 
-from cryoflow.engines import ctffind
-from cryoflow.engines import eer as E
-from cryoflow.engines import motioncor as mc
-from cryoflow.engines.dogpicker import main as dogpicker_main
-from cryoflow.engines.dogpicker import match_picks
-from cryoflow.engines.imageio import ImageReadError, open_movie
-from cryoflow.share.completeness import Verdict, check_complete
-from cryoflow.simulator import SimulatorConfig, simulate_session
-from cryoflow.tools.ctffind import CtffindParams, output_paths, parse_ctffind_txt, stdin_answers
-from cryoflow.tools.motioncor2 import (
+from cryoflow.ingest.share.completeness import Verdict, check_complete
+from cryoflow.processing.engines import ctffind
+from cryoflow.processing.engines import eer as E
+from cryoflow.processing.engines import motioncor as mc
+from cryoflow.processing.engines.dogpicker import main as dogpicker_main
+from cryoflow.processing.engines.dogpicker import match_picks
+from cryoflow.processing.engines.imageio import ImageReadError, open_movie
+from cryoflow.processing.tools.ctffind import (
+    CtffindParams,
+    output_paths,
+    parse_ctffind_txt,
+    stdin_answers,
+)
+from cryoflow.processing.tools.motioncor2 import (
     MotionCor2Params,
     build_command,
     find_shift_log,
     fm_int_file_text,
     parse_shift_log,
 )
+from cryoflow.simulator import SimulatorConfig, simulate_session
 
 
 def mc3_decode(data: bytes, shape: tuple[int, int], sampling: int) -> np.ndarray:

@@ -20,7 +20,7 @@ class Block(importlib.abc.MetaPathFinder):
             raise ImportError(f"{{name}} is not installed on compute nodes")
 sys.meta_path.insert(0, Block())
 for engine in {ENGINES!r}:
-    importlib.import_module(f"cryoflow.engines.{{engine}}")
+    importlib.import_module(f"cryoflow.processing.engines.{{engine}}")
 print("ok")
 """
 

@@ -1,6 +1,7 @@
 """Local (patch) motion correction, accuracy at realistic contrast, and the FFT thread count.
 
-Movies come from :mod:`cryoflow.engines.synthetic_motion`: a smooth deformation over space and
+Movies come from :mod:`cryoflow.processing.engines.synthetic_motion`: a smooth deformation over
+space and
 time (three broad "doming" bumps, not a polynomial, so the engine's model is only an
 approximation of it) on top of a global drift. Frame sizes are modest (1024 px) to keep the
 module near 30 s on two cores; K3-sized figures are in benchmarks/bench_engines_motioncor.py.
@@ -19,10 +20,10 @@ import mrcfile
 import numpy as np
 import pytest
 
-from cryoflow.engines import motioncor as mc
-from cryoflow.engines import synthetic as syn
-from cryoflow.engines import synthetic_motion as smo
-from cryoflow.tools.motioncor2 import find_shift_log, parse_shift_log
+from cryoflow.processing.engines import motioncor as mc
+from cryoflow.processing.engines import synthetic as syn
+from cryoflow.processing.engines import synthetic_motion as smo
+from cryoflow.processing.tools.motioncor2 import find_shift_log, parse_shift_log
 
 SIZE = 1024
 N_FRAMES = 24

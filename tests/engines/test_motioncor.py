@@ -20,11 +20,11 @@ import mrcfile
 import numpy as np
 import pytest
 
-from cryoflow.engines import motioncor as mc
-from cryoflow.engines import synthetic as syn
-from cryoflow.engines.ctf_model import CTFParams
-from cryoflow.engines.imageio import write_mrc
-from cryoflow.tools.motioncor2 import find_shift_log, parse_shift_log
+from cryoflow.processing.engines import motioncor as mc
+from cryoflow.processing.engines import synthetic as syn
+from cryoflow.processing.engines.ctf_model import CTFParams
+from cryoflow.processing.engines.imageio import write_mrc
+from cryoflow.processing.tools.motioncor2 import find_shift_log, parse_shift_log
 
 MAX_RMS_PX = 0.2
 SIZE = 1024

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import tifffile
 
-from cryoflow.engines import synthetic as syn
-from cryoflow.engines.ctf_model import CTFParams, ctf_2d, spatial_frequency_grid
+from cryoflow.processing.engines import synthetic as syn
+from cryoflow.processing.engines.ctf_model import CTFParams, ctf_2d, spatial_frequency_grid
 
 
 def _rng(seed: int = 0) -> np.random.Generator:

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from cryoflow.share.smb import SmbCredentials, SmbSource
-from cryoflow.share.source import LocalSource, ShareSource
+from cryoflow.ingest.share.smb import SmbCredentials, SmbSource
+from cryoflow.ingest.share.source import LocalSource, ShareSource
 from tests.services_fixtures import SambaService
 
 

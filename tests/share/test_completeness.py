@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from cryoflow.share.completeness import (
+from cryoflow.ingest.share.completeness import (
     CHECKED_SUFFIXES,
     Completeness,
     Verdict,
@@ -253,7 +253,7 @@ def test_eer_is_checked_as_tiff(tmp_path: Path) -> None:
 
 
 def _eer(path: Path, frames: list[np.ndarray], metadata: dict) -> Path:
-    from cryoflow.engines.eer import EerWriter
+    from cryoflow.processing.engines.eer import EerWriter
 
     with path.open("wb") as fh:
         writer = EerWriter(fh, frames[0].shape, metadata)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from cryoflow.share.layout import (
+from cryoflow.ingest.share.layout import (
     FileKind,
     Layout,
     MovieFormat,

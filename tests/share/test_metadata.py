@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from cryoflow.share.metadata import (
+from cryoflow.ingest.share.metadata import (
     MetadataError,
     read_epu_xml,
     read_mdoc,

@@ -10,7 +10,7 @@ from pathlib import Path, PurePosixPath
 
 import pytest
 
-from cryoflow.share.scan import (
+from cryoflow.ingest.share.scan import (
     IGNORED_NAMES,
     IGNORED_PATTERNS,
     FileStat,

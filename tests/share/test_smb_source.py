@@ -25,17 +25,17 @@ import smbclient
 import tifffile
 import xxhash
 
-from cryoflow.share.completeness import check_complete
-from cryoflow.share.smb import SmbCredentials, SmbSource
-from cryoflow.share.source import (
+from cryoflow.ingest.share.completeness import check_complete
+from cryoflow.ingest.share.smb import SmbCredentials, SmbSource
+from cryoflow.ingest.share.source import (
     HeldForWriting,
     LocalSource,
     ShareOffline,
     SourceFile,
     source_for,
 )
-from cryoflow.share.watch import ShareWatch, WatchSettings
-from cryoflow.transfer import (
+from cryoflow.ingest.share.watch import ShareWatch, WatchSettings
+from cryoflow.ingest.transfer import (
     SourceChangedError,
     TransferError,
     copy_verified,
@@ -140,7 +140,7 @@ def test_an_smb_share_is_configured_by_server_share_and_connection_id() -> None:
     from pydantic import ValidationError
 
     from cryoflow.config import ShareConfig
-    from cryoflow.share.source import session_root
+    from cryoflow.ingest.share.source import session_root
 
     share = ShareConfig(
         kind="smb", path=Path("krios1"), server="krios1-pc", share_name="OffloadData", conn_id="k"
@@ -331,7 +331,7 @@ def test_a_copy_meeting_an_offline_share_is_a_transient_fault(
 
 
 def _trigger(tmp_path: Path, root: str, **kw: Any) -> Any:
-    from cryoflow.ledger import Ledger
+    from cryoflow.ledger.store import Ledger
     from cryoflow.triggers.share_watch import ShareWatchTrigger
 
     url = f"sqlite:///{tmp_path}/ledger.db"
@@ -432,7 +432,7 @@ def test_session_over_smb_copies_verified_and_survives_an_outage(
     threads) on an ``smb`` microscope: movies verified; the share away: nothing marked missing
     or incomplete, nothing copied twice; back: the next movie goes on."""
     from cryoflow.config import ShareConfig, load_site
-    from cryoflow.ledger import FileState, Ledger
+    from cryoflow.ledger.store import FileState, Ledger
     from cryoflow.operators.ingest_batch import watch_trigger
     from cryoflow.session import SessionParams, form_defaults, ingest_event, open_session
 

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from cryoflow.share.completeness import Completeness, Verdict
-from cryoflow.share.source import ShareOffline
-from cryoflow.share.watch import ShareWatch, WatchSettings
+from cryoflow.ingest.share.completeness import Completeness, Verdict
+from cryoflow.ingest.share.source import ShareOffline
+from cryoflow.ingest.share.watch import ShareWatch, WatchSettings
 from tests.share.conftest import Backend
 
 

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from cryoflow.engines.ctffind import read_answers
-from cryoflow.engines.imageio import write_mrc
-from cryoflow.tools.ctffind import (
+from cryoflow.processing.engines.ctffind import read_answers
+from cryoflow.processing.engines.imageio import write_mrc
+from cryoflow.processing.tools.ctffind import (
     ENV,
     VERSIONS,
     CtffindOutputError,

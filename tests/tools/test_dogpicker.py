@@ -17,11 +17,11 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from cryoflow.engines import synthetic as syn
-from cryoflow.engines.ctf_model import CTFParams
-from cryoflow.engines.dogpicker import Picks, match_picks, write_star, write_xy
-from cryoflow.engines.imageio import write_mrc
-from cryoflow.tools.dogpicker import (
+from cryoflow.processing.engines import synthetic as syn
+from cryoflow.processing.engines.ctf_model import CTFParams
+from cryoflow.processing.engines.dogpicker import Picks, match_picks, write_star, write_xy
+from cryoflow.processing.engines.imageio import write_mrc
+from cryoflow.processing.tools.dogpicker import (
     FLAGS,
     DogPickerParams,
     PickFileError,
@@ -241,7 +241,10 @@ def test_the_built_command_runs_the_engine_and_finds_the_particles(tmp_path):
     write_mrc(mic, image, pixel_size_A=apix)
     params = DogPickerParams(diameter_A=diam)
     argv = build_command(
-        params, [sys.executable, "-m", "cryoflow.engines.dogpicker"], mic, tmp_path / "out"
+        params,
+        [sys.executable, "-m", "cryoflow.processing.engines.dogpicker"],
+        mic,
+        tmp_path / "out",
     )
     env = {**os.environ, "PYTHONPATH": str(REPO / "plugins")}
     done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=120)

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from cryoflow.engines import motioncor as engine
-from cryoflow.engines import synthetic as syn
-from cryoflow.tools import motioncor2 as mc2
+from cryoflow.processing.engines import motioncor as engine
+from cryoflow.processing.engines import synthetic as syn
+from cryoflow.processing.tools import motioncor2 as mc2
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "motioncor2"
 STEM = "FoilHole_29811034_Data_29809467_29809469_20240517_101512_fractions"

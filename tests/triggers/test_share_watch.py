@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from cryoflow.ledger import Ledger
+from cryoflow.ledger.store import Ledger
 from cryoflow.triggers.share_watch import ShareWatchTrigger
 
 
@@ -150,7 +150,7 @@ def test_done_files_are_read_once_then_only_what_changed(tmp_path: Path) -> None
 
     from sqlalchemy import update
 
-    from cryoflow.ledger import FileRow, get_engine
+    from cryoflow.ledger.store import FileRow, get_engine
     from cryoflow.triggers.share_watch import DoneFilesCache
 
     url = f"sqlite:///{tmp_path}/ledger.db"

@@ -22,7 +22,7 @@ import mrcfile
 import numpy as np
 import pytest
 
-from cryoflow.ledger import Ledger, StageState
+from cryoflow.ledger.store import Ledger, StageState
 from tests.conftest import ROOT
 from tests.view.test_queries import DRIFT, fill
 
@@ -263,7 +263,7 @@ def test_the_page_shows_what_went_to_tape_and_what_disk_is_safe_to_free(
 ) -> None:
     from sqlalchemy import text
 
-    from cryoflow.ledger import get_engine
+    from cryoflow.ledger.store import get_engine
 
     ledger, sid = site["ledger"], site["sid"]
     root = site["root"]
@@ -342,7 +342,7 @@ def test_movies_link_to_the_task_logs_that_processed_them(
     ledger.set_job([stage.id], "4242", job_dir)
     from sqlalchemy import update
 
-    from cryoflow.ledger import StageRow, get_engine
+    from cryoflow.ledger.store import StageRow, get_engine
 
     with get_engine(ledger.url).begin() as c:
         c.execute(update(StageRow).where(StageRow.id == stage.id).values(claimed_at=claimed))
@@ -383,7 +383,7 @@ def _processed(site: dict[str, Any], file_id: int, *, aligned: str | None = None
     """Outputs of one movie under the session's processed/, recorded as processing does."""
     from sqlalchemy import update
 
-    from cryoflow.ledger import SessionRow, get_engine
+    from cryoflow.ledger.store import SessionRow, get_engine
 
     root: Path = site["root"]
     ledger: Ledger = site["ledger"]

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from sqlalchemy import create_engine, text
 
-from cryoflow.ledger import Ledger, StageState
-from cryoflow.share.layout import Layout
+from cryoflow.ingest.share.layout import Layout
+from cryoflow.ledger.store import Ledger, StageState
 from cryoflow.view.queries import (
     DEFAULT_THRESHOLDS,
     ViewQueries,
@@ -50,7 +50,7 @@ def _postgres_url() -> Iterator[str]:
         pytest.skip(f"PostgreSQL not reachable at {PG_ADMIN_URL}: {exc}")
     url = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
     yield url
-    from cryoflow.ledger import _ENGINES
+    from cryoflow.ledger.store import _ENGINES
     from cryoflow.view.queries import _READ_ENGINES
 
     for engines in (_ENGINES, _READ_ENGINES):

@@ -27,8 +27,8 @@ from typing import Any, BinaryIO
 import xxhash
 
 from cryoflow.archive.tagging import read_tags, tag_verified
+from cryoflow.ingest.transfer import CHECKSUM_ALGORITHM, PARTIAL_SUFFIX, make_dirs
 from cryoflow.names import from_text, shown, to_text
-from cryoflow.transfer import CHECKSUM_ALGORITHM, PARTIAL_SUFFIX, make_dirs
 
 TAR_NAME = "small-files.tar"
 MANIFEST_NAME = "small-files.manifest.json"

@@ -18,7 +18,8 @@ re-checked at the moment of deletion (anything else keeps it, with the reason re
 7. just before the unlink: the session is still closed and the share's file unchanged.
 
 Only the source is ever deleted, never anything at the destination. Every decision is one log
-line and one row of the ledger's ``cryoflow_cleanup`` table (:class:`~cryoflow.ledger.CleanupRow`);
+line and one row of the ledger's ``cryoflow_cleanup`` table
+(:class:`~cryoflow.ledger.store.CleanupRow`);
 :func:`safe_to_free` sums them for the session view. The share is reached through
 :class:`SourceFiles` (stat and unlink by relpath): a mounted share today, SMB later. Nothing here
 imports Airflow.
@@ -40,10 +41,10 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from cryoflow.archive.settings import CleanupConfig
 from cryoflow.archive.tagging import TAGS, read_tags
-from cryoflow.ledger import FileRow, Ledger, SessionRow
+from cryoflow.ingest.share.scan import UnsafePathError, resolve_in, safe_relpath
+from cryoflow.ingest.transfer import CHECKSUM_ALGORITHM, file_checksum
+from cryoflow.ledger.store import FileRow, Ledger, SessionRow
 from cryoflow.names import shown
-from cryoflow.share.scan import UnsafePathError, resolve_in, safe_relpath
-from cryoflow.transfer import CHECKSUM_ALGORITHM, file_checksum
 
 if TYPE_CHECKING:
     from cryoflow.config import FacilityConfig, MicroscopeConfig
@@ -163,7 +164,7 @@ class LocalSourceFiles:
 
 
 class SmbSourceFiles:
-    """A session folder read directly over SMB (:class:`cryoflow.share.smb.SmbSource`).
+    """A session folder read directly over SMB (:class:`cryoflow.ingest.share.smb.SmbSource`).
 
     Each folder on the way to the file is looked up in its parent's listing and must be a plain
     folder (no reparse point: a link or junction on the Windows side is refused, not followed);
@@ -177,7 +178,7 @@ class SmbSourceFiles:
         return self.source.location(relpath)
 
     def _entry(self, relpath: str) -> Any | None:
-        from cryoflow.share.smb import FILE_ATTRIBUTE_DIRECTORY, FILE_ATTRIBUTE_REPARSE_POINT
+        from cryoflow.ingest.share.smb import FILE_ATTRIBUTE_DIRECTORY, FILE_ATTRIBUTE_REPARSE_POINT
 
         rel = safe_relpath(relpath)
         parts = rel.split("/")
@@ -191,7 +192,7 @@ class SmbSourceFiles:
         return self.source._entry(rel)
 
     def stat(self, relpath: str) -> SourceStat | None:
-        from cryoflow.share.smb import FILE_ATTRIBUTE_DIRECTORY, FILE_ATTRIBUTE_REPARSE_POINT
+        from cryoflow.ingest.share.smb import FILE_ATTRIBUTE_DIRECTORY, FILE_ATTRIBUTE_REPARSE_POINT
 
         entry = self._entry(relpath)
         if entry is None:
@@ -218,7 +219,7 @@ def sources_for(scope: MicroscopeConfig) -> Callable[[SessionRow], SourceFiles]:
     if scope.share.kind == "cifs":
         return local_sources
     if scope.share.kind == "smb":
-        from cryoflow.share.source import source_for
+        from cryoflow.ingest.share.source import source_for
 
         conn_id = scope.share.conn_id
 

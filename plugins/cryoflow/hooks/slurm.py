@@ -2,7 +2,8 @@
 
 The connection is an ordinary Airflow SSH connection (host, login, key file, `host_key` extra:
 host key checking stays on). `SlurmHook` is the synchronous client the operator uses; the
-command lines it sends and the parsing of the answers live in :mod:`cryoflow.compute.slurm`
+command lines it sends and the parsing of the answers live in
+:mod:`cryoflow.processing.compute.slurm`
 (no Airflow there), shared with the async trigger.
 """
 
@@ -18,7 +19,7 @@ import paramiko
 from airflow.providers.ssh.hooks.ssh import SSHHook
 from airflow.sdk.bases.hook import BaseHook
 
-from cryoflow.compute.jobscript import (
+from cryoflow.processing.compute.jobscript import (
     SCRIPT_NAME,
     JobLayout,
     SubmittedJob,
@@ -26,7 +27,7 @@ from cryoflow.compute.jobscript import (
     TaskStatus,
     decode_tail,
 )
-from cryoflow.compute.slurm import (
+from cryoflow.processing.compute.slurm import (
     SlurmCommandError,
     SlurmError,
     SlurmTransientError,

@@ -1,6 +1,7 @@
 """Run one processing step over a batch of movies as ONE job array, without holding a worker.
 
-`ComputeArrayOperator` builds the job script (cryoflow.compute.jobscript), submits it to the
+`ComputeArrayOperator` builds the job script (cryoflow.processing.compute.jobscript), submits it
+to the
 configured backend (Slurm over SSH, or local for the embedded demo: a config choice, the code
 path is the same), records the job in XCom, checks once and defers to `SlurmJobTrigger`. When
 the trigger fires, `execute_complete` fetches every array task's stdout/stderr into the task
@@ -20,7 +21,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowFailException, TaskDeferralError, TaskDeferralTimeout
 
-from cryoflow.compute.jobscript import (
+from cryoflow.processing.compute.jobscript import (
     DEFAULT_DIR_MODE,
     DEFAULT_FILE_MODE,
     EVENT_KEYS,
@@ -31,9 +32,9 @@ from cryoflow.compute.jobscript import (
     build_array_script,
     slurm_directives,
 )
-from cryoflow.compute.local import LocalCompute
-from cryoflow.compute.settings import LocalBackend, SlurmBackend, parse_backend
-from cryoflow.compute.slurm import SlurmTransientError
+from cryoflow.processing.compute.local import LocalCompute
+from cryoflow.processing.compute.settings import LocalBackend, SlurmBackend, parse_backend
+from cryoflow.processing.compute.slurm import SlurmTransientError
 
 if TYPE_CHECKING:
     from airflow.sdk import Context

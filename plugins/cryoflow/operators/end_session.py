@@ -15,7 +15,7 @@ from airflow.sdk import get_current_context, task
 from airflow.sdk.exceptions import AirflowFailException
 
 from cryoflow.config import load_site
-from cryoflow.ledger import Ledger
+from cryoflow.ledger.store import Ledger
 from cryoflow.session import SessionHandle, close_session
 
 log = logging.getLogger(__name__)

@@ -17,7 +17,7 @@ from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowFailException, DagRunTriggerException
 
 from cryoflow.config import FacilityConfig, MicroscopeConfig, load_site
-from cryoflow.ledger import Ledger
+from cryoflow.ledger.store import Ledger
 from cryoflow.session import (
     SessionClosedError,
     SessionHandle,

@@ -6,7 +6,8 @@ as one job array and defers; when the array ends it records each movie, claims t
 picking work that became owed, submits both arrays at once and defers again (on CTFFIND first,
 then picking, which has usually ended by then); then it refreshes each
 touched session's STAR files (``micrographs_ctf_all.star``: every movie with a CTF;
-``micrographs_ctf.star``: those curation accepted, see ``cryoflow.curation``), evaluates the
+``micrographs_ctf.star``: those curation accepted, see ``cryoflow.processing.curation``),
+evaluates the
 sessions' curation alerts and, for a closed session that owes nothing more, its summary.
 Claims are settled from the ledger and the jobs' fate, never from XCom: a run that was killed
 leaves claims with job ids; the next run records the movies whose outputs exist and offers the
@@ -24,14 +25,14 @@ from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import BaseOperator
 
-from cryoflow import curation, processing
-from cryoflow.compute.jobscript import SubmittedJob, TaskStatus
-from cryoflow.compute.settings import parse_backend
 from cryoflow.config import CurationThresholds, load_site
-from cryoflow.ledger import FileRow, Ledger, StageRow
+from cryoflow.ledger.store import FileRow, Ledger, StageRow
 from cryoflow.operators.compute_job import ArrayJobs, _safe, statuses_from_event
+from cryoflow.processing import batch, curation
+from cryoflow.processing.compute.jobscript import SubmittedJob, TaskStatus
+from cryoflow.processing.compute.settings import parse_backend
+from cryoflow.processing.steps import STAGES
 from cryoflow.session import SessionHandle, SessionParams, write_summary
-from cryoflow.steps import STAGES
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -120,11 +121,11 @@ class ProcessOwedOperator(BaseOperator):
             )
         return self._backends[name]
 
-    def _movies(self, work: list[Work]) -> tuple[list[processing.MoviePaths], list[SessionParams]]:
+    def _movies(self, work: list[Work]) -> tuple[list[batch.MoviePaths], list[SessionParams]]:
         movies, params = [], []
         for w in work:
             handle, p = self.session(w.session_id)
-            movies.append(processing.movie_paths(handle, w.file_id, w.relpath, w.dest))
+            movies.append(batch.movie_paths(handle, w.file_id, w.relpath, w.dest))
             params.append(p)
         return movies, params
 
@@ -214,34 +215,34 @@ class ProcessOwedOperator(BaseOperator):
                 idx = [i for i, w in enumerate(work) if w.session_id == session_id]
                 handle, p = self.session(session_id)
                 group = [movies[i] for i in idx]
-                for warning in processing.record_acquisition(self.ledger, handle, group, layout, p):
+                for warning in batch.record_acquisition(self.ledger, handle, group, layout, p):
                     self.log.warning("%s", warning)
                 perms = facility.permissions
-                gain = processing.gain_reference(
+                gain = batch.gain_reference(
                     self.ledger, handle, p, perms.dir_mode, perms.file_mode
                 )
                 self.log.info("Session %s gain reference: %s", handle.session_id, gain or "none")
-                argvs = processing.plan_motioncor(facility, p, handle, group, gain)
+                argvs = batch.plan_motioncor(facility, p, handle, group, gain)
                 by_index.update(zip(idx, argvs, strict=True))
             tasks = [by_index[i] for i in range(len(work))]
         elif stage == "ctf":
             self._late_metadata(work, movies)
             stdin = []
             for m, p in zip(movies, params, strict=True):
-                t, answers = processing.plan_ctffind(facility, p, [m])
+                t, answers = batch.plan_ctffind(facility, p, [m])
                 tasks += t
                 stdin += answers
         else:
             self._late_metadata(work, movies)
             for m, p in zip(movies, params, strict=True):
-                tasks += processing.plan_dogpicker(facility, p, [m])
+                tasks += batch.plan_dogpicker(facility, p, [m])
         for m, argv in zip(movies, tasks, strict=True):
             self.log.info("%s: %s", m.relpath, " ".join(argv))
         jobs = self.jobs(stage)
         job = jobs.submit(SOFTWARE[stage], tasks, stdin, self._job_dir(context, jobs, stage))
         self.ledger.set_job([w.stage_id for w in work], job.job_id, job.job_dir)
 
-    def _late_metadata(self, work: list[Work], movies: list[processing.MoviePaths]) -> None:
+    def _late_metadata(self, work: list[Work], movies: list[batch.MoviePaths]) -> None:
         """The mdoc/XML of a movie may land a batch after the movie: record it now."""
         have = {st.file_id for st in self.ledger.stages(w.file_id for w in work)
                 if st.stage == "acquisition"}  # fmt: skip
@@ -249,14 +250,14 @@ class ProcessOwedOperator(BaseOperator):
         for w, m in zip(work, movies, strict=True):
             if w.file_id not in have:
                 handle, p = self.session(w.session_id)
-                for warning in processing.record_acquisition(self.ledger, handle, [m], layout, p):
+                for warning in batch.record_acquisition(self.ledger, handle, [m], layout, p):
                     self.log.warning("%s", warning)
 
     def _record(
         self, stage: str, work: list[Work], states: dict[str, dict[str, Any]], job: dict
     ) -> None:
         movies, params = self._movies(work)
-        ok, problems = processing.record_step(self.ledger, stage, movies, states, job, params)
+        ok, problems = batch.record_step(self.ledger, stage, movies, states, job, params)
         self.log.info("%s: %d of %d movie(s) done", stage, len(ok), len(movies))
         by_file = {w.file_id: w.session_id for w in work}
         if stage == "ctf":
@@ -376,7 +377,7 @@ class ProcessOwedOperator(BaseOperator):
         for pending, accepted_only in ((self._new_ctf, False), (self._new_accepted, True)):
             for session_id, file_ids in sorted(pending.items()):
                 handle, p = self.session(session_id)
-                path = processing.write_micrographs_ctf_star(
+                path = batch.write_micrographs_ctf_star(
                     self.ledger, handle, p, mode, file_ids, accepted_only=accepted_only
                 )
                 self.log.info(

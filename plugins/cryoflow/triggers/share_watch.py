@@ -22,10 +22,10 @@ from typing import Any
 
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
-from cryoflow.ledger import Ledger, utcnow
-from cryoflow.share.scan import StabilityTracker
-from cryoflow.share.source import ShareOffline, ShareSource, source_for
-from cryoflow.share.watch import Outcome, ShareWatch, WatchSettings
+from cryoflow.ingest.share.scan import StabilityTracker
+from cryoflow.ingest.share.source import ShareOffline, ShareSource, source_for
+from cryoflow.ingest.share.watch import Outcome, ShareWatch, WatchSettings
+from cryoflow.ledger.store import Ledger, utcnow
 
 
 class DoneFilesCache:

@@ -18,10 +18,10 @@ import asyncssh
 from airflow.providers.ssh.hooks.ssh import SSHHookAsync
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
-from cryoflow.compute.jobscript import SubmittedJob, TaskStatus
-from cryoflow.compute.local import LocalCompute
-from cryoflow.compute.settings import LocalBackend, SlurmBackend, parse_backend
-from cryoflow.compute.slurm import (
+from cryoflow.processing.compute.jobscript import SubmittedJob, TaskStatus
+from cryoflow.processing.compute.local import LocalCompute
+from cryoflow.processing.compute.settings import LocalBackend, SlurmBackend, parse_backend
+from cryoflow.processing.compute.slurm import (
     SlurmTransientError,
     build_cancel_command,
     build_poll_command,

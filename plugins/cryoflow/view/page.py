@@ -357,7 +357,7 @@ def _rates_table(rates: dict[str, Any]) -> str:
 
 
 def _alerts(alerts: dict[str, Any]) -> str:
-    """The session's active curation alerts (recorded by processing, cryoflow.curation)."""
+    """The session's active curation alerts (recorded by cryoflow.processing.curation)."""
     shown = [
         f'<p class="warn" data-alert="{escape(kind)}">Alert: {escape(str(a.get("message", "")))}'
         f" (since {_when(a.get('since'))})</p>"

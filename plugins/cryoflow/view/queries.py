@@ -21,7 +21,7 @@ from sqlalchemy import and_, case, create_engine, event, func, select
 from sqlalchemy.engine import Connection, Engine
 
 from cryoflow.config import CurationThresholds
-from cryoflow.ledger import (
+from cryoflow.ledger.store import (
     CleanupRow,
     FileRow,
     FileState,
@@ -30,7 +30,7 @@ from cryoflow.ledger import (
     StageState,
     get_engine,
 )
-from cryoflow.steps import MOVIE_KIND, STAGES
+from cryoflow.processing.steps import MOVIE_KIND, STAGES
 
 FILES = FileRow.__table__.c
 STAGE_ROWS = StageRow.__table__.c
@@ -753,7 +753,7 @@ def settling_movies(watch_state: dict[str, Any] | None, layout: Any) -> int:
     """Movies the share watch last saw still settling (its saved state: ``{relpath: [size,
     mtime_ns, seconds unchanged]}``; keys starting with "/" are its own notes), by the
     microscope's naming layout. They are on the share but not in the ledger yet."""
-    from cryoflow.share.layout import FileKind, classify
+    from cryoflow.ingest.share.layout import FileKind, classify
 
     count = 0
     for rel, entry in (watch_state or {}).items():

@@ -104,7 +104,7 @@ def picks_png(
     y = row, as the picker writes them)."""
     from PIL import Image, ImageDraw
 
-    from cryoflow.tools.dogpicker import PickFileError, parse_picks
+    from cryoflow.processing.tools.dogpicker import PickFileError, parse_picks
 
     image, factor = _bin(_read_mrc(micrograph), max_px)
     try:
@@ -179,7 +179,7 @@ def thumbnail(
 def _store(cache: Path, data: bytes, *, file_mode: int, dir_mode: int) -> None:
     """Write the cache file atomically; a folder the API server may not write is no error (the
     thumbnail is served all the same, and made again next time)."""
-    from cryoflow.transfer import make_dirs
+    from cryoflow.ingest.transfer import make_dirs
 
     tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
     try:

@@ -2,7 +2,7 @@
 
 The tables, constraints and indexes that ``Base.metadata.create_all`` made at commit 54d6be7,
 the last schema before migrations; a ledger made by that code is stamped at this revision (see
-``cryoflow.ledger_schema``) and upgraded from here.
+``cryoflow.ledger.schema``) and upgraded from here.
 
 Revision ID: 0001
 Revises:

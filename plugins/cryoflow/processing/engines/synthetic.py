@@ -37,8 +37,8 @@ from typing import Any
 
 import numpy as np
 
-from cryoflow.engines.ctf_model import CTFParams, ctf_2d, spatial_frequency_grid
-from cryoflow.engines.imageio import atomic_path, write_mrc
+from cryoflow.processing.engines.ctf_model import CTFParams, ctf_2d, spatial_frequency_grid
+from cryoflow.processing.engines.imageio import atomic_path, write_mrc
 
 __all__ = [
     "DISTRACTOR_KINDS",

@@ -1,6 +1,6 @@
 """Alembic environment of the ledger. It runs only on a connection handed over by
-:mod:`cryoflow.ledger_schema` (which holds the migration lock): use
-``python -m cryoflow.ledger_schema upgrade|current|check|revision``, not the ``alembic`` command.
+:mod:`cryoflow.ledger.schema` (which holds the migration lock): use
+``python -m cryoflow.ledger.schema upgrade|current|check|revision``, not the ``alembic`` command.
 
 Airflow imports every ``.py`` file under ``plugins/`` when it loads plugins; outside a migration
 this module therefore does nothing.
@@ -12,14 +12,14 @@ from alembic import context
 
 
 def _run() -> None:
-    from cryoflow.ledger import Base
-    from cryoflow.ledger_schema import VERSION_TABLE, include_name
+    from cryoflow.ledger.schema import VERSION_TABLE, include_name
+    from cryoflow.ledger.store import Base
 
     connection = context.config.attributes.get("connection")
     if connection is None or context.is_offline_mode():
         raise RuntimeError(
-            "the ledger's migrations run through cryoflow.ledger_schema (python -m "
-            "cryoflow.ledger_schema upgrade --url URL), which locks the database first"
+            "the ledger's migrations run through cryoflow.ledger.schema (python -m "
+            "cryoflow.ledger.schema upgrade --url URL), which locks the database first"
         )
     context.configure(
         connection=connection,

@@ -1,11 +1,13 @@
 """Synthetic movies with local (non-rigid) motion at realistic contrast, for motion correction.
 
-Why: :func:`cryoflow.engines.synthetic.make_movie` moves each frame rigidly, so it cannot tell a
+Why: :func:`cryoflow.processing.engines.synthetic.make_movie` moves each frame rigidly, so it
+cannot tell a
 local-motion correction from a global one, and its test specimen is about ten times more
 contrasty than a real micrograph. Here each frame is the specimen image deformed by a smooth
 field over space and time, scaled to a chosen image std (real micrographs: 1-2 %).
 
-Convention (as in :mod:`cryoflow.engines.synthetic`): frame ``i`` shows the content that sits at
+Convention (as in :mod:`cryoflow.processing.engines.synthetic`): frame ``i`` shows the content
+that sits at
 ``p`` in the still image at ``p + D_i(p)``, with ``D_i(p) = drift[i] + local_i(p)`` in (x, y) px.
 ``local`` has zero mean over the frame in every frame and is zero in frame 0, so ``drift`` is the
 frame-average (global) trajectory.
@@ -26,8 +28,8 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.fft as sfft
 
-from cryoflow.engines import synthetic as syn
-from cryoflow.engines.ctf_model import CTFParams
+from cryoflow.processing.engines import synthetic as syn
+from cryoflow.processing.engines.ctf_model import CTFParams
 
 __all__ = ["LocalMotionTruth", "make_local_motion_movie", "realistic_image", "smooth_field"]
 

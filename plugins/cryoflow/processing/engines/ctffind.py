@@ -50,8 +50,8 @@ import numpy as np
 import scipy.fft
 from scipy import ndimage, optimize
 
-from cryoflow.engines.ctf_model import electron_wavelength_A
-from cryoflow.engines.imageio import (
+from cryoflow.processing.engines.ctf_model import electron_wavelength_A
+from cryoflow.processing.engines.imageio import (
     ImageReadError,
     atomic_path,
     open_movie,
@@ -59,7 +59,7 @@ from cryoflow.engines.imageio import (
     write_mrc,
     write_preview,
 )
-from cryoflow.tools.ctffind import output_paths
+from cryoflow.processing.tools.ctffind import output_paths
 
 __all__ = [
     "CTFFIND_VERSIONS",

@@ -2,7 +2,8 @@
 
 Airflow-free on purpose: the Slurm job script, the operator and the tests all use these pure
 functions. The command targets the built-in engine ``cryoflow-dogpicker``
-(:mod:`cryoflow.engines.dogpicker`), whose flags are a superset of Appion's ``ApDogPicker.py``.
+(:mod:`cryoflow.processing.engines.dogpicker`), whose flags are a superset of Appion's
+``ApDogPicker.py``.
 With ``appion=True`` only the flags ApDogPicker itself knows are written. That binary then writes
 the ``x<TAB>y`` file only, and its thresholds are in units of the map's plain standard deviation,
 not the noise (see the engine's module doc).
@@ -143,7 +144,8 @@ def build_command(
 ) -> list[str]:
     """The argv that picks ``micrograph`` into ``outdir`` (see :func:`output_paths`).
 
-    ``binary`` is the program, or a prefix such as ``[python, "-m", "cryoflow.engines.dogpicker"]``.
+    ``binary`` is the program, or a prefix such as
+    ``[python, "-m", "cryoflow.processing.engines.dogpicker"]``.
     """
     prefix = [str(binary)] if isinstance(binary, str | Path) else [str(b) for b in binary]
     out = output_paths(micrograph, outdir, params, appion=appion)

@@ -1,5 +1,6 @@
-"""Creates and upgrades the ledger's schema: Alembic migrations (``cryoflow/ledger_migrations``),
-run by :func:`upgrade` when a process first opens a ledger (:func:`cryoflow.ledger.get_engine`).
+"""Creates and upgrades the ledger's schema: Alembic migrations (``cryoflow/ledger/migrations``),
+run by :func:`upgrade` when a process first opens a ledger
+(:func:`cryoflow.ledger.store.get_engine`).
 
 - When the ledger is at the newest revision, :func:`upgrade` costs one query.
 - Otherwise it takes a lock first, so that processes starting together migrate once and the others
@@ -15,8 +16,8 @@ run by :func:`upgrade` when a process first opens a ledger (:func:`cryoflow.ledg
 
 By hand (``--url`` defaults to the facility configuration's ``storage.ledger_url``)::
 
-    python -m cryoflow.ledger_schema current|upgrade|check [--url URL]
-    python -m cryoflow.ledger_schema revision -m "what changes"   # a new revision from the models
+    python -m cryoflow.ledger.schema current|upgrade|check [--url URL]
+    python -m cryoflow.ledger.schema revision -m "what changes"   # a new revision from the models
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from sqlalchemy.pool import NullPool
 
 log = logging.getLogger(__name__)
 
-MIGRATIONS_DIR = Path(__file__).resolve().with_name("ledger_migrations")
+MIGRATIONS_DIR = Path(__file__).resolve().with_name("migrations")
 VERSION_TABLE = "cryoflow_alembic_version"
 TABLE_PREFIX = "cryoflow_"
 # pg_advisory_xact_lock key (a signed 64-bit integer) of ledger migrations; advisory locks are
@@ -98,7 +99,7 @@ def current_revision(connection: Connection) -> str | None:
 def schema_diff(connection: Connection) -> list[Any]:
     """What differs between the ledger's tables and the models (empty: they agree), as
     ``alembic check`` reports it."""
-    from cryoflow.ledger import Base
+    from cryoflow.ledger.store import Base
 
     context = MigrationContext.configure(
         connection,
@@ -269,13 +270,13 @@ def _adopt(conn: Connection, where: str) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m cryoflow.ledger_schema", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m cryoflow.ledger.schema", description=__doc__)
     parser.add_argument("action", choices=["current", "upgrade", "check", "revision"])
     parser.add_argument("--url", help="ledger URL (default: the facility's storage.ledger_url)")
     parser.add_argument("-m", "--message", help="revision: what the new revision changes")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from cryoflow.ledger import resolve_url
+    from cryoflow.ledger.store import resolve_url
 
     url = args.url
     if url is None:

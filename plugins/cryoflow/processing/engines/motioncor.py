@@ -37,10 +37,11 @@ in place. FFTs use the CPUs of the process's affinity mask, capped by ``SLURM_CP
 Shift convention (as in MotionCor2's logs): the shift of frame ``i`` is where its content sits
 relative to the reference frame (``-FmRef``, default the central frame ``n // 2``), in input
 pixels: ``frame_i(r) = frame_ref(r - shift_i)``; the reference frame's shift is (0, 0) and the sum
-is registered to it. :mod:`cryoflow.engines.synthetic` uses the same sign for its drift.
+is registered to it. :mod:`cryoflow.processing.engines.synthetic` uses the same sign for its drift.
 
 EER input (``-InEer``, ``-EerSampling``, ``-FmIntFile``, required here) is read fraction by
-fraction as MotionCor2 groups it (:mod:`cryoflow.engines.eer`); a detector-size gain is repeated
+fraction as MotionCor2 groups it (:mod:`cryoflow.processing.engines.eer`); a detector-size gain is
+repeated
 to an 8k/16k rendering. Not done (honestly): defect
 maps, magnification distortion, dark references, gain references of a different size, frame
 grouping (``-Group`` > 1 for global alignment is refused).
@@ -60,8 +61,8 @@ from pathlib import Path
 import numpy as np
 import scipy.fft as sfft
 
-from cryoflow.engines.eer import EerMovie, read_fm_int_file, upsample_gain
-from cryoflow.engines.imageio import (
+from cryoflow.processing.engines.eer import EerMovie, read_fm_int_file, upsample_gain
+from cryoflow.processing.engines.imageio import (
     ImageReadError,
     MovieInfo,
     atomic_path,
@@ -70,7 +71,7 @@ from cryoflow.engines.imageio import (
     write_mrc,
     write_preview,
 )
-from cryoflow.tools.motioncor2 import log_stem
+from cryoflow.processing.tools.motioncor2 import log_stem
 
 __all__ = [
     "MotionCorError",

@@ -49,7 +49,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cryoflow.engines.imageio import ImageReadError, atomic_path, open_movie
+from cryoflow.processing.engines.imageio import ImageReadError, atomic_path, open_movie
 
 __all__ = [
     "DogSettings",

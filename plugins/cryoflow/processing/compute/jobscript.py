@@ -29,7 +29,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from cryoflow.compute.settings import SlurmBackend
+from cryoflow.processing.compute.settings import SlurmBackend
 
 __all__ = [
     "ACTIVE_STATES",

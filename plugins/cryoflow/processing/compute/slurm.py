@@ -17,7 +17,7 @@ import shlex
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from cryoflow.compute.jobscript import SubmittedJob, TaskStatus, parse_exit_name
+from cryoflow.processing.compute.jobscript import SubmittedJob, TaskStatus, parse_exit_name
 
 __all__ = [
     "PollAnswer",

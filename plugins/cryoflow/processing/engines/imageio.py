@@ -23,7 +23,7 @@ import numpy as np
 from cryoflow.dirs import make_dirs
 
 if TYPE_CHECKING:
-    from cryoflow.engines.eer import EerMovie, FmIntEntry
+    from cryoflow.processing.engines.eer import EerMovie, FmIntEntry
 
 __all__ = [
     "ImageReadError",
@@ -36,7 +36,7 @@ __all__ = [
     "write_preview",
 ]
 
-#: Set by the job script (cryoflow.compute.jobscript.FILE_MODE_ENV / DIR_MODE_ENV).
+#: Set by the job script (cryoflow.processing.compute.jobscript.FILE_MODE_ENV / DIR_MODE_ENV).
 FILE_MODE_ENV = "CRYOFLOW_FILE_MODE"
 DIR_MODE_ENV = "CRYOFLOW_DIR_MODE"
 
@@ -245,7 +245,7 @@ def open_movie(
 
     An EER movie's frames are its fractions: raw frames grouped by ``fm_int`` (the parsed
     -FmIntFile; without it each raw frame is a fraction, as in MotionCor2) and rendered at
-    ``eer_sampling`` (see :mod:`cryoflow.engines.eer`).
+    ``eer_sampling`` (see :mod:`cryoflow.processing.engines.eer`).
     """
     path = Path(path)
     if not path.is_file():
@@ -255,7 +255,7 @@ def open_movie(
         raise ImageReadError(f"{path}: is a {kind.upper()} file by name, expected {expected_kind}")
     _check_magic(path, kind)
     if kind == "eer":
-        from cryoflow.engines.eer import EerMovie
+        from cryoflow.processing.engines.eer import EerMovie
 
         return EerMovie(path, sampling=eer_sampling, fm_int=fm_int)
     return MovieInfo(path, kind)

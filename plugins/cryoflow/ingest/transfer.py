@@ -22,7 +22,7 @@ from typing import Any
 import xxhash
 
 from cryoflow.dirs import make_dirs
-from cryoflow.share.source import HeldForWriting, SourceFile
+from cryoflow.ingest.share.source import HeldForWriting, SourceFile
 
 CHECKSUM_ALGORITHM = "xxh3_128"
 PARTIAL_SUFFIX = ".cryoflow-partial"

@@ -26,12 +26,12 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, BinaryIO, NamedTuple, Protocol, runtime_checkable
 from urllib.parse import quote
 
-from cryoflow.share.completeness import Completeness, check_complete
-from cryoflow.share.scan import ScanResult, resolve_in, safe_relpath, scan_tree
+from cryoflow.ingest.share.completeness import Completeness, check_complete
+from cryoflow.ingest.share.scan import ScanResult, resolve_in, safe_relpath, scan_tree
 
 if TYPE_CHECKING:
     from cryoflow.config import ShareConfig
-    from cryoflow.share.smb import SmbCredentials
+    from cryoflow.ingest.share.smb import SmbCredentials
 
 SMB_SCHEME = "smb://"
 
@@ -102,7 +102,7 @@ class ShareSource(Protocol):
         ...
 
     def check_complete(self, relpath: str, expected_frames: int | None = None) -> Completeness:
-        """Whether the file says it is whole (:mod:`cryoflow.share.completeness`)."""
+        """Whether the file says it is whole (:mod:`cryoflow.ingest.share.completeness`)."""
         ...
 
 
@@ -191,7 +191,7 @@ def source_for(
     when the share is first reached, not here."""
     if not is_smb_root(source_root):
         return LocalSource(source_root)
-    from cryoflow.share.smb import SmbSource, airflow_credentials
+    from cryoflow.ingest.share.smb import SmbSource, airflow_credentials
 
     if credentials is None:
         if not conn_id:

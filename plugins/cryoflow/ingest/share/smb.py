@@ -35,9 +35,9 @@ import smbclient
 from smbprotocol.exceptions import SMBException, SMBOSError, SMBResponseException
 from smbprotocol.header import NtStatus
 
-from cryoflow.share.completeness import CHECKED_SUFFIXES, Completeness, Verdict, check_stream
-from cryoflow.share.scan import IGNORED_NAMES, FileStat, ScanResult, _matcher, safe_relpath
-from cryoflow.share.source import (
+from cryoflow.ingest.share.completeness import CHECKED_SUFFIXES, Completeness, Verdict, check_stream
+from cryoflow.ingest.share.scan import IGNORED_NAMES, FileStat, ScanResult, _matcher, safe_relpath
+from cryoflow.ingest.share.source import (
     SMB_SCHEME,
     HeldForWriting,
     ShareOffline,

@@ -46,7 +46,7 @@ from xml.sax.saxutils import escape
 
 import numpy as np
 
-from cryoflow.engines.imageio import ImageReadError, atomic_path
+from cryoflow.processing.engines.imageio import ImageReadError, atomic_path
 
 __all__ = [
     "EER_COMPRESSIONS",
@@ -511,7 +511,9 @@ def _eer_compression_registered() -> Iterator[None]:
     codecs = tifffile.TIFF.COMPRESSORS._codecs  # noqa: SLF001 - no public hook for this
 
     def _refuse(*_args: Any, **_kwargs: Any) -> bytes:
-        raise NotImplementedError("EER strips must be pre-encoded (cryoflow.engines.eer)")
+        raise NotImplementedError(
+            "EER strips must be pre-encoded (cryoflow.processing.engines.eer)"
+        )
 
     added = 65001 not in codecs
     if added:

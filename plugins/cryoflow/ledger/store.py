@@ -104,7 +104,8 @@ class SessionRow(Base):
     summary_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     # The summary was written after the session closed and owed nothing more.
     summary_final: Mapped[bool] = mapped_column(default=False)
-    # Curation alerts: {kind: {active, since, message, notified, ...}} (cryoflow.curation).
+    # Curation alerts: {kind: {active, since, message, notified, ...}}
+    # (cryoflow.processing.curation).
     curation_alerts: Mapped[dict[str, Any] | None] = mapped_column(JSON)
 
 
@@ -214,7 +215,7 @@ _ENGINES_LOCK = threading.Lock()
 
 def get_engine(url: str) -> Engine:
     """One engine per URL and process. The first use in a process brings the ledger's schema
-    to the newest migration (:func:`cryoflow.ledger_schema.upgrade`: one query when it is
+    to the newest migration (:func:`cryoflow.ledger.schema.upgrade`: one query when it is
     there already, locked against other processes when it is not)."""
     engine = _ENGINES.get(url)
     if engine is not None:
@@ -222,7 +223,7 @@ def get_engine(url: str) -> Engine:
     with _ENGINES_LOCK:
         engine = _ENGINES.get(url)
         if engine is None:
-            from cryoflow.ledger_schema import upgrade
+            from cryoflow.ledger.schema import upgrade
 
             engine = create_engine(resolve_url(url), pool_pre_ping=True)
             if engine.dialect.name == "sqlite":

@@ -22,11 +22,11 @@ from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from cryoflow.ingest.share.completeness import Completeness, check_complete
+from cryoflow.ingest.share.layout import FileKind, Layout, classify
+from cryoflow.ingest.share.scan import FileStat, StabilityTracker
+from cryoflow.ingest.share.source import HeldForWriting, LocalSource, ShareOffline, ShareSource
 from cryoflow.names import shown, to_text
-from cryoflow.share.completeness import Completeness, check_complete
-from cryoflow.share.layout import FileKind, Layout, classify
-from cryoflow.share.scan import FileStat, StabilityTracker
-from cryoflow.share.source import HeldForWriting, LocalSource, ShareOffline, ShareSource
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,7 @@
 """Local compute backend: run a job script's array tasks on this machine (embedded demo).
 
-"Submitting" starts a detached runner (`python -m cryoflow.compute.local run ...`, its own
+"Submitting" starts a detached runner (`python -m cryoflow.processing.compute.local run ...`,
+its own
 session, so it outlives the Airflow worker that started it and one `killpg` cancels it with all
 its tasks). The runner executes the *same* script the Slurm backend uploads, once per array
 index with SLURM_ARRAY_TASK_ID/SLURM_ARRAY_JOB_ID set, at most `max_parallel` at a time, with
@@ -13,7 +14,8 @@ from its folder, so a triggerer or worker on another host than the runner's sees
 `cancelled` file stops the runner from any host), `started/<A>_<a>` (task launched),
 `runner.log`. All of
 them, the job folders and the task logs get the modes the script was built with
-(:func:`~cryoflow.compute.jobscript.script_modes`): new folders are chmod-ed to ``dir_mode``,
+(:func:`~cryoflow.processing.compute.jobscript.script_modes`): new folders are chmod-ed to
+``dir_mode``,
 files are created with ``file_mode``, and the runner runs under the script's umask.
 """
 
@@ -33,7 +35,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import IO
 
-from cryoflow.compute.jobscript import (
+from cryoflow.dirs import make_dirs
+from cryoflow.processing.compute.jobscript import (
     JobLayout,
     SubmittedJob,
     TaskLogs,
@@ -42,12 +45,11 @@ from cryoflow.compute.jobscript import (
     job_umask,
     script_modes,
 )
-from cryoflow.compute.settings import LocalBackend
-from cryoflow.dirs import make_dirs
+from cryoflow.processing.compute.settings import LocalBackend
 
 __all__ = ["LocalCompute", "run_array"]
 
-_PLUGINS_DIR = Path(__file__).resolve().parents[2]
+_PLUGINS_DIR = Path(__file__).resolve().parents[3]
 
 
 class LocalCompute:
@@ -69,7 +71,7 @@ class LocalCompute:
         )
         with _open_append(job_dir / "runner.log", file_mode) as runner_log:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "cryoflow.compute.local", "run", layout.job_dir,
+                [sys.executable, "-m", "cryoflow.processing.compute.local", "run", layout.job_dir,
                  job.job_id, str(n_tasks), str(self.backend.max_parallel)],
                 stdin=subprocess.DEVNULL,
                 stdout=runner_log,
@@ -306,7 +308,7 @@ def _terminate(pid: int) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m cryoflow.compute.local")
+    parser = argparse.ArgumentParser(prog="python -m cryoflow.processing.compute.local")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run a job script's array tasks (started by submit)")
     run.add_argument("job_dir")

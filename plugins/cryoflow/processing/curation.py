@@ -21,8 +21,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 from cryoflow.config import CurationAlert, CurationThresholds, NotifierConfig
-from cryoflow.ledger import Ledger, SessionRow, StageRow, StageState
-from cryoflow.steps import MOVIE_KIND, STAGES
+from cryoflow.ledger.store import Ledger, SessionRow, StageRow, StageState
+from cryoflow.processing.steps import MOVIE_KIND, STAGES
 
 log = logging.getLogger(__name__)
 

@@ -20,16 +20,16 @@ from typing import Any
 import numpy as np
 
 from cryoflow.config import FacilityConfig
-from cryoflow.ledger import Ledger, StageState
+from cryoflow.ingest.share.layout import FileKind, Layout, metadata_for_movie
+from cryoflow.ingest.share.metadata import MetadataError, read_movie_metadata
+from cryoflow.ingest.transfer import make_dirs
+from cryoflow.ledger.store import Ledger, StageState
 from cryoflow.names import portable
+from cryoflow.processing.steps import downstream
+from cryoflow.processing.tools import ctffind as ctffind_tool
+from cryoflow.processing.tools import dogpicker as dogpicker_tool
+from cryoflow.processing.tools import motioncor2 as motioncor_tool
 from cryoflow.session import SessionHandle, SessionParams
-from cryoflow.share.layout import FileKind, Layout, metadata_for_movie
-from cryoflow.share.metadata import MetadataError, read_movie_metadata
-from cryoflow.steps import downstream
-from cryoflow.tools import ctffind as ctffind_tool
-from cryoflow.tools import dogpicker as dogpicker_tool
-from cryoflow.tools import motioncor2 as motioncor_tool
-from cryoflow.transfer import make_dirs
 
 
 @dataclass(frozen=True)
