@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from cryoflow.archive.aggregate import AggregateError, aggregate_small_files, aggregate_status
 from cryoflow.archive.tagging import tag_summary, tag_verified
-from cryoflow.config import CurationThresholds, FacilityConfig, MicroscopeConfig
+from cryoflow.config import CurationThresholds, FacilityConfig, MicroscopeConfig, config_dir
 from cryoflow.ingest.session_tree import SessionPaths, create_session_tree, resolve_gid
 from cryoflow.ingest.share.layout import classify
 from cryoflow.ingest.share.scan import PathResolver, UnsafePathError, safe_relpath
@@ -637,6 +637,7 @@ def close_session(
 
 
 HSM_REPORT = "hsm_report.json"  # in <session>/logs/: what the HSM node said, for the summary
+HSM_POLICY = "gpfs/hsm-migrate.pol"  # in the config folder: what goes to tape
 
 
 def _hsm_step(facility: FacilityConfig, ledger: Ledger, handle: SessionHandle) -> None:
@@ -644,19 +645,24 @@ def _hsm_step(facility: FacilityConfig, ledger: Ledger, handle: SessionHandle) -
     and record what ``dsmls`` says of each. The session is closed whatever the node answers:
     a failure is recorded and logged, and the GPFS policy still migrates the tagged files."""
     from cryoflow.archive.hsm import run_hsm_step
+    from cryoflow.archive.ilm_policy import file_facts, load_policy
     from cryoflow.hooks.hsm import HsmNodeHook
 
     archive = facility.archive
-    paths = [
+    candidates = [
         Path(f.dest_path)
         for f in ledger.files(handle.session_id, FileState.VERIFIED)
         if f.dest_path
     ]
     tar_dir = Path(handle.dest_root) / "archive"
     if tar_dir.is_dir():
-        paths += sorted(p for p in tar_dir.iterdir() if p.suffix == ".tar")
+        candidates += sorted(p for p in tar_dir.iterdir() if p.suffix == ".tar")
     started = datetime.now(UTC)
     try:
+        # Exactly what the facility's ILM policy sends to tape (tagged raw files, the tar),
+        # never the metadata and previews it keeps on disk: a stub of those needs a recall.
+        policy = load_policy(config_dir() / HSM_POLICY)
+        paths = [p for p in candidates if policy.selects(file_facts(p))]
         with HsmNodeHook(archive.hsm_ssh_conn_id or "") as node:
             report: dict[str, Any] = run_hsm_step(paths, archive, node.run).as_dict()
     except Exception as exc:  # noqa: BLE001 - SSH, the node, a command: the close goes on

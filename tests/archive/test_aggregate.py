@@ -252,3 +252,38 @@ def test_a_tar_that_is_not_the_manifests_is_rebuilt(tmp_path: Path) -> None:
 
     assert again.rebuilt and again.tagged and again.members == len(small)
     assert verify_aggregate(first.tar, first.manifest).ok
+
+
+def test_a_closing_session_bundles_its_small_files_and_its_summary_says_so(site_env) -> None:
+    """archive.aggregate on: the real copy, then close_session writes the tar (read back
+    member by member) and the summary reports the tags read from the files and the tar."""
+    from cryoflow.session import close_session
+    from tests.archive.test_cleanup import CLEAN, OTHER, Session
+
+    notes = {
+        "Images-Disc1/GridSquare_1/GridSquare_20240101_120000.xml": b"<MicroscopeImage/>",
+        "EpuSession.dm": b"<EpuSessionXml/>",
+    }
+    s = Session("aggregated")
+    s.copy(CLEAN, OTHER, notes=notes)
+    s.facility = s.facility.model_copy(
+        update={"archive": s.facility.archive.model_copy(update={"aggregate": True})}
+    )
+
+    summary = close_session(s.facility, s.handle, "ended for the test", max_attempts=3)
+
+    archive = summary["archive"]
+    verified = [f for f in s.ledger.files(s.handle.session_id) if f.state == "verified"]
+    assert archive["tags"]["tagged"] == len(verified) == 4 and archive["tags"]["untagged"] == 0
+    tar = archive["small_files_tar"]
+    assert tar is not None and tar["members"] == 2 and tar["tagged"] is True
+    root = Path(s.handle.dest_root)
+    with tarfile.open(root / tar["tar"]) as bundle:
+        got = {m.name: bundle.extractfile(m).read() for m in bundle.getmembers() if m.isfile()}
+    # each note byte for byte under its raw/ path (and the manifest inside the tar too)
+    assert {k: v for k, v in got.items() if k.startswith("raw/")} == {
+        f"raw/{rel}": data for rel, data in notes.items()
+    }
+    assert (root / tar["tar"]).stat().st_mode & 0o007 == 0
+    on_disk = json.loads((root / "logs" / "session_summary.json").read_text())
+    assert on_disk["archive"]["small_files_tar"]["checksum"] == tar["checksum"]

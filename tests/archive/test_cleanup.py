@@ -30,7 +30,6 @@ from cryoflow.archive.cleanup import (
     effective_mode,
     local_sources,
     run_cleanup,
-    safe_to_free,
 )
 from cryoflow.archive.settings import CleanupConfig
 from cryoflow.config import load_site
@@ -76,10 +75,15 @@ class Session:
         frames = np.random.default_rng(seed).integers(0, 4, (FRAMES, 64, 64), dtype=np.uint8)
         tifffile.imwrite(path, frames)
 
-    def copy(self, *rels: str, seed: int = 0) -> None:
-        """Write the files on the share and copy them until every one is verified."""
+    def copy(self, *rels: str, seed: int = 0, notes: dict[str, bytes] | None = None) -> None:
+        """Write the files on the share (movies, and ``notes`` as given) and copy them until
+        every one is verified."""
         for i, rel in enumerate(rels):
             self.write(rel, seed + i)
+        for rel, data in (notes or {}).items():
+            (self.share / rel).parent.mkdir(parents=True, exist_ok=True)
+            (self.share / rel).write_bytes(data)
+        rels = (*rels, *(notes or {}))
         trigger = watch_trigger(self.facility, self.scope, self.params, self.handle)
         state = trigger._start()
         deadline = time.monotonic() + 30
@@ -392,6 +396,12 @@ def test_a_session_reopened_while_cleanup_checks_keeps_its_files(env) -> None:
 # ------------------------------------------------------------------ modes, age, record
 
 
+def _disk(s: Session) -> dict[str, int]:
+    from cryoflow.view.queries import ViewQueries
+
+    return ViewQueries(s.ledger.url).disk(s.handle.session_id, min_age_hours=0, closed=True)
+
+
 def test_dry_run_deletes_nothing_and_reports_what_it_would_delete(any_ledger) -> None:
     s = Session("dry")
     s.copy(CLEAN, OTHER, TARGET)
@@ -413,12 +423,12 @@ def test_dry_run_deletes_nothing_and_reports_what_it_would_delete(any_ledger) ->
     sizes = s.row(CLEAN).size + s.row(OTHER).size
     assert out["would_delete_bytes"] == sizes
     assert "would be deleted (dry-run)" in report.note
-    # the session view's figure: what the last check found safe to free
-    space = safe_to_free(s.ledger, "krios1")
-    assert (space.safe_files, space.safe_bytes) == (2, sizes)
-    assert (space.freed_files, space.kept_files) == (0, 1)
-    per_session = safe_to_free(s.ledger, "krios1", s.handle.session_id)
-    assert per_session.safe_bytes == sizes
+    # the session view's figures: only what passed every check is safe; the damaged copy's
+    # file is kept, never counted as safe to free
+    disk = _disk(s)
+    assert disk["safe_to_free_bytes"] == sizes
+    assert disk["kept_bytes"] == s.row(TARGET).size
+    assert disk["freed_bytes"] == 0 and disk["unchecked_bytes"] == 0
 
     # a second dry run confirms the same decisions without new rows; then delete for real
     cleanup("dry-run")
@@ -426,8 +436,9 @@ def test_dry_run_deletes_nothing_and_reports_what_it_would_delete(any_ledger) ->
     report = cleanup("delete")
     assert sorted(d.relpath for d in report.deleted) == sorted([CLEAN, OTHER])
     assert not s.src(CLEAN).exists() and not s.src(OTHER).exists() and s.src(TARGET).exists()
-    space = safe_to_free(s.ledger, "krios1")
-    assert (space.safe_files, space.freed_files, space.freed_bytes) == (0, 2, sizes)
+    disk = _disk(s)
+    assert (disk["safe_to_free_bytes"], disk["freed_bytes"]) == (0, sizes)
+    assert disk["kept_bytes"] == s.row(TARGET).size
     history = [(r.file_id, r.action) for r in s.ledger.cleanup_decisions(microscope="krios1")]
     assert history.count((s.row(CLEAN).id, "would-delete")) == 1
     assert history.count((s.row(CLEAN).id, "deleted")) == 1
@@ -436,6 +447,9 @@ def test_dry_run_deletes_nothing_and_reports_what_it_would_delete(any_ledger) ->
 
 
 def test_mode_off_examines_nothing_and_says_so(env, caplog) -> None:
+    # off unless a microscope's YAML turns it on, and off as shipped
+    assert CleanupConfig().mode == "off"
+    assert {m.cleanup.mode for m in load_site().microscopes.values()} == {"off"}
     s = Session("off")
     s.copy(CLEAN)
     s.close()

@@ -13,10 +13,17 @@ from pathlib import Path
 import pytest
 import tifffile
 
-from cryoflow.archive.cleanup import Action, Reason, run_cleanup, sources_for
+from cryoflow.archive.cleanup import (
+    Action,
+    LocalSourceFiles,
+    Reason,
+    SmbSourceFiles,
+    run_cleanup,
+    sources_for,
+)
 from cryoflow.archive.settings import CleanupConfig
 from cryoflow.config import ShareConfig, load_site
-from cryoflow.ledger.store import FileState, Ledger
+from cryoflow.ledger.store import FileState, Ledger, SessionRow
 from cryoflow.operators.ingest_batch import watch_trigger
 from cryoflow.session import SessionParams, form_defaults, ingest_event, open_session
 from tests.services_fixtures import SambaService
@@ -74,11 +81,19 @@ def test_cleanup_over_smb_deletes_only_proven_files_and_nothing_while_the_share_
         fh.truncate(damaged.stat().st_size - 10)
     config = CleanupConfig(mode="delete", min_age_hours=0, reread_checksum=True)
 
+    opened: list[SmbSourceFiles] = []
+
+    def tracked(session):  # what the run opened, to check it lets each connection go
+        folder = sources_for(scope)(session)
+        opened.append(folder)
+        return folder
+
     def cleanup() -> dict[str, tuple[Action, Reason]]:
         report = run_cleanup(
             ledger, "krios2", config, xattr_prefix=facility.archive.xattr_prefix,
-            sources=sources_for(scope), run_id="test",
+            sources=tracked, run_id="test",
         )  # fmt: skip
+        assert opened and all(not f.source._cache for f in opened)  # connections closed
         return {d.relpath: (d.action, d.reason) for d in report.decisions}
 
     samba_back.stop()  # the PC is rebooting: nothing is deleted, nothing taken for gone
@@ -94,3 +109,20 @@ def test_cleanup_over_smb_deletes_only_proven_files_and_nothing_while_the_share_
     assert decided[movies[2]] == (Action.KEPT, Reason.DEST_SIZE)
     assert not (local / movies[0]).exists() and not (local / movies[1]).exists()
     assert (local / movies[2]).exists()  # its copy is not proven: the original stays
+
+
+def test_sessions_from_before_a_switch_to_smb_are_reached_on_their_mount(site_env) -> None:
+    """A microscope moved from its CIFS mount to SMB: its earlier sessions recorded a mounted
+    folder, and cleanup must reach them there, not wrap the path in an SMB client."""
+    scope = load_site().microscopes["krios2"]
+    share = ShareConfig(
+        kind="smb", path=Path("sessions"), server="pc", share_name="data", conn_id="pc_smb"
+    )
+    smb_scope = scope.model_copy(update={"share": share})
+    old = SessionRow(id=1, name="before", source_root="/mnt/krios2/before")
+    assert isinstance(sources_for(smb_scope)(old), LocalSourceFiles)
+    new = SessionRow(id=2, name="after", source_root="smb://pc:445/data/sessions/after")
+    assert isinstance(sources_for(smb_scope)(new), SmbSourceFiles)
+    cifs = SessionRow(id=3, name="smb-once", source_root="smb://pc:445/data/sessions/x")
+    with pytest.raises(ValueError, match="smb-once.*no share.conn_id"):
+        sources_for(scope)(cifs)  # back to the mount: SMB sessions need a Connection named

@@ -24,6 +24,10 @@ from tests.archive.test_cleanup import CLEAN, OTHER, Session
 pytestmark = pytest.mark.services
 
 HOSTILE = "Metadata/notes $(touch hsm_pwned) `touch hsm_pwned2`.txt"
+KEPT_ON_DISK = {  # config/gpfs/hsm-migrate.pol: 'keep-previews-and-metadata'
+    "EpuSession.dm": b"<EpuSessionXml/>",
+    "Images-Disc1/GridSquare_1/GridSquare_20240101_120000.xml": b"<MicroscopeImage/>",
+}
 
 # dsmmigrate [-premigrate] PATH...: records each path's new state; dsmls PATH...: the listing
 # (banner, two header lines, one line per file: actual size, resident size, resident KB, state,
@@ -82,10 +86,13 @@ def test_closing_a_session_premigrates_its_files_and_records_dsmls(
 ) -> None:
     monkeypatch.chdir(tmp_path)
     s = Session("hsm_premigrate")
-    s.copy(CLEAN, OTHER, HOSTILE)  # the notes too: every file of the session not excluded
+    # the notes too (every raw file the shipped policy migrates), but not the metadata and
+    # previews that policy keeps on disk: a stub of those would need a recall to be read
+    s.copy(CLEAN, OTHER, HOSTILE, notes=KEPT_ON_DISK)
     _with_hsm(s, "premigrate", hsm_node["conn_id"], hsm_node)
-    verified = [f for f in s.ledger.files(s.handle.session_id) if f.state == "verified"]
-    assert HOSTILE in {f.relpath for f in verified}
+    everything = [f for f in s.ledger.files(s.handle.session_id) if f.state == "verified"]
+    verified = [f for f in everything if f.relpath not in KEPT_ON_DISK]
+    assert HOSTILE in {f.relpath for f in verified} and len(everything) == len(verified) + 2
 
     summary = close_session(s.facility, s.handle, "ended for the test", max_attempts=3)
 

@@ -99,6 +99,26 @@ def test_a_file_system_without_user_attributes_is_a_tagging_error(tmp_path: Path
     assert read_tags(target, PREFIX) == {}
 
 
+def test_attributes_that_read_back_otherwise_are_a_tagging_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file system that takes an attribute but keeps less of it (a size cap, a gateway that
+    rewrites values) must not leave a tape label nobody checked: the read-back catches it."""
+    real = os.setxattr
+
+    def capped(path, name, value, *args, **kwargs):  # keeps the first 16 bytes only
+        return real(path, name, value[:16], *args, **kwargs)
+
+    movie = _movie(tmp_path)
+    monkeypatch.setattr("cryoflow.archive.tagging.os.setxattr", capped)
+
+    with pytest.raises(TaggingError) as caught:
+        _tag(movie)
+
+    assert caught.value.errno == errno.EIO and "read back" in str(caught.value)
+    assert read_tags(movie, PREFIX)["checksum"] == ("xxh3_128:" + "ab" * 16)[:16]  # as kept
+
+
 def test_tag_summary_counts_what_the_files_carry(tmp_path: Path) -> None:
     tagged = [_movie(tmp_path, f"m{i}.tiff") for i in range(3)]
     for path in tagged:

@@ -19,10 +19,9 @@ re-checked at the moment of deletion (anything else keeps it, with the reason re
 
 Only the source is ever deleted, never anything at the destination. Every decision is one log
 line and one row of the ledger's ``cryoflow_cleanup`` table
-(:class:`~cryoflow.ledger.store.CleanupRow`);
-:func:`safe_to_free` sums them for the session view. The share is reached through
-:class:`SourceFiles` (stat and unlink by relpath): a mounted share today, SMB later. Nothing here
-imports Airflow.
+(:class:`~cryoflow.ledger.store.CleanupRow`); the session view sums each file's latest decision
+(``ViewQueries.disk``). The share is reached through :class:`SourceFiles` (stat and unlink by
+relpath): a mounted share or SMB. Nothing here imports Airflow.
 """
 
 from __future__ import annotations
@@ -109,6 +108,8 @@ class SourceFiles(Protocol):
 
     def unlink(self, relpath: str) -> None: ...
 
+    def close(self) -> None: ...
+
 
 class LocalSourceFiles:
     """A session folder on a mounted share (CIFS) or any local folder.
@@ -162,6 +163,9 @@ class LocalSourceFiles:
         with self._parent(relpath) as (fd, name):
             os.unlink(name, dir_fd=fd)
 
+    def close(self) -> None:
+        """Nothing held between calls."""
+
 
 class SmbSourceFiles:
     """A session folder read directly over SMB (:class:`cryoflow.ingest.share.smb.SmbSource`).
@@ -208,26 +212,34 @@ class SmbSourceFiles:
     def unlink(self, relpath: str) -> None:
         self.source.remove(safe_relpath(relpath))
 
+    def close(self) -> None:
+        self.source.close()
+
 
 def local_sources(session: SessionRow) -> SourceFiles:
     return LocalSourceFiles(session.source_root)
 
 
 def sources_for(scope: MicroscopeConfig) -> Callable[[SessionRow], SourceFiles]:
-    """How cleanup reaches the microscope's share (``share.kind``): a mounted share as local
-    paths, an SMB share through the microscope's Airflow Connection."""
-    if scope.share.kind == "cifs":
-        return local_sources
-    if scope.share.kind == "smb":
-        from cryoflow.ingest.share.source import source_for
+    """How cleanup reaches each session's folder: by the folder the session recorded, not
+    the microscope's current ``share.kind`` (sessions from before a switch from a CIFS mount
+    to SMB keep their mounted path): a mounted share as local paths, an SMB share through the
+    microscope's Airflow Connection."""
+    from cryoflow.ingest.share.source import is_smb_root, source_for
 
-        conn_id = scope.share.conn_id
+    conn_id = scope.share.conn_id
 
-        def smb_sources(session: SessionRow) -> SourceFiles:
-            return SmbSourceFiles(source_for(session.source_root, conn_id))
+    def sources(session: SessionRow) -> SourceFiles:
+        if not is_smb_root(session.source_root):
+            return local_sources(session)
+        if not conn_id:
+            raise ValueError(
+                f"session {session.name!r} was read over SMB ({session.source_root}) but "
+                f"microscope {scope.id!r} names no share.conn_id to reach it"
+            )
+        return SmbSourceFiles(source_for(session.source_root, conn_id))
 
-        return smb_sources
-    raise ValueError(f"share kind {scope.share.kind!r} has no cleanup implementation")
+    return sources
 
 
 # --------------------------------------------------------------------------- decisions
@@ -324,6 +336,15 @@ class _Cleanup:
         if session.id not in self._folders:
             self._folders[session.id] = self.sources(session)
         return self._folders[session.id]
+
+    def close(self) -> None:
+        """Every session folder's connection (one per session over SMB) is let go."""
+        for folder in self._folders.values():
+            try:
+                folder.close()
+            except OSError as exc:  # the run's decisions are recorded already
+                log.debug("closing %s: %s", shown(folder.location("")), exc)
+        self._folders.clear()
 
     def running(self, session_id: int, location: str) -> str | None:
         """Why the file belongs to a running session (read from the ledger now), or None."""
@@ -508,11 +529,14 @@ def run_cleanup(
         microscope, mode, len(candidates), cutoff.isoformat(timespec="seconds"),
         running[0], _mb(running[1]), young[0], _mb(young[1]), config.min_age_hours,
     )  # fmt: skip
-    for file, session, newer in candidates:
-        decision = run.decide(file, session, newer)
-        run.record(decision)
-        _log(decision, run.folder(session).location(file.relpath))
-        report.decisions.append(decision)
+    try:
+        for file, session, newer in candidates:
+            decision = run.decide(file, session, newer)
+            run.record(decision)
+            _log(decision, run.folder(session).location(file.relpath))
+            report.decisions.append(decision)
+    finally:
+        run.close()
     done = Action.DELETED if mode == "delete" else Action.WOULD_DELETE
     freed = report.of(done)
     report.note = (
@@ -545,28 +569,3 @@ def cleanup_microscope(
         now=now,
         run_id=run_id,
     )
-
-
-# --------------------------------------------------------------------------- the session view
-
-
-@dataclass(frozen=True)
-class FreeableSpace:
-    """What cleanup knows about a microscope's (or one session's) files on the share, from each
-    file's latest decision: ``safe`` passed every check at the last dry run and is still there,
-    ``freed`` was deleted, ``kept`` was kept for a reason (see the decisions)."""
-
-    safe_files: int = 0
-    safe_bytes: int = 0
-    freed_files: int = 0
-    freed_bytes: int = 0
-    kept_files: int = 0
-    kept_bytes: int = 0
-
-
-def safe_to_free(ledger: Ledger, microscope: str, session_id: int | None = None) -> FreeableSpace:
-    totals = ledger.cleanup_totals(microscope, session_id)
-    safe = totals.get(str(Action.WOULD_DELETE), (0, 0))
-    freed = totals.get(str(Action.DELETED), (0, 0))
-    kept = totals.get(str(Action.KEPT), (0, 0))
-    return FreeableSpace(*safe, *freed, *kept)

@@ -1065,26 +1065,6 @@ class Ledger:
         with self._tx() as s:
             return list(s.scalars(query.order_by(CleanupRow.id)))
 
-    def cleanup_totals(
-        self, microscope: str, session_id: int | None = None
-    ) -> dict[str, tuple[int, int]]:
-        """(files, bytes) per action of each file's latest cleanup decision; a "would-delete"
-        counts only while its session is closed."""
-        latest = select(func.max(CleanupRow.id)).where(CleanupRow.microscope == microscope)
-        if session_id is not None:
-            latest = latest.where(CleanupRow.session_id == session_id)
-        query = (
-            select(CleanupRow.action, func.count(), func.coalesce(func.sum(CleanupRow.size), 0))
-            .join(SessionRow, SessionRow.id == CleanupRow.session_id)
-            .where(
-                CleanupRow.id.in_(latest.group_by(CleanupRow.file_id)),
-                or_(CleanupRow.action != "would-delete", SessionRow.state == "closed"),
-            )
-            .group_by(CleanupRow.action)
-        )
-        with self._tx() as s:
-            return {action: (int(n), int(b)) for action, n, b in s.execute(query)}
-
 
 class CleanupRow(Base):
     """A share cleanup decision about one verified file: deleted from the share, kept (with

@@ -531,8 +531,11 @@ def _archive_section(archive: dict[str, Any]) -> str:
     rows += [
         ("Verified on GPFS", _bytes(disk["verified_bytes"])),
         ("Freed from the microscope's disk", _bytes(disk["freed_bytes"])),
-        (f"Safe to free now (verified more than {cleanup['min_age_hours']:g} h ago, closed)",
-         _bytes(disk["safe_to_free_bytes"])),  # fmt: skip
+        ("Safe to free now (every check at the destination passed at cleanup's last run)",
+         _bytes(disk["safe_to_free_bytes"])),
+        ("Kept on the microscope by cleanup (its log says why)", _bytes(disk["kept_bytes"])),
+        (f"Not checked by cleanup yet (verified more than {cleanup['min_age_hours']:g} h ago, "
+         "closed)", _bytes(disk["unchecked_bytes"])),  # fmt: skip
         ("Share cleanup", escape(str(cleanup["mode"]))),
     ]
     cells = "".join(

@@ -518,35 +518,53 @@ class ViewQueries:
         return self.summary(session_id, end=end, **kw)["rates"]
 
     def disk(self, session_id: int, *, min_age_hours: float, closed: bool) -> dict[str, int]:
-        """The microscope's disk as far as this session goes, in bytes: what is verified on
-        GPFS, what share cleanup already freed (deleted, or found gone), and what is safe to
-        free now by the cleanup's own first rules (verified, longer ago than ``min_age_hours``,
-        the session closed, not freed yet). Cleanup re-checks each copy before it deletes."""
+        """The microscope's disk as far as this session goes, in bytes, from each verified
+        file's latest share-cleanup decision: freed (deleted, or found gone), safe to free
+        (every check at the destination passed at cleanup's last run: a dry run's "would
+        delete", the session closed), kept (a check failed or a rule holds it: the cleanup
+        log says which), and not checked yet (verified longer ago than ``min_age_hours``, the
+        session closed, no decision). Only cleanup's checks make a file safe: a verified file
+        whose copy was damaged since is "kept", never counted as safe."""
         cut = datetime.now(UTC) - timedelta(hours=min_age_hours)
         verified = and_(FILES.session_id == session_id, FILES.state == FileState.VERIFIED)
         cl = CleanupRow.__table__.c
-        freed_ids = (
-            select(cl.file_id)
-            .where(cl.session_id == session_id, cl.action.in_(("deleted", "gone")))
-            .scalar_subquery()
-        )
-        with self.engine.connect() as c:
-            total = c.scalar(select(func.coalesce(func.sum(FILES.size), 0)).where(verified))
-            freed = c.scalar(
-                select(func.coalesce(func.sum(FILES.size), 0)).where(
-                    verified, FILES.id.in_(freed_ids)
+        latest = (
+            select(cl.file_id, cl.action)
+            .where(
+                cl.id.in_(
+                    select(func.max(cl.id))
+                    .where(cl.session_id == session_id)
+                    .group_by(cl.file_id)
                 )
             )
-            safe = 0
+            .subquery()
+        )
+        bytes_ = func.coalesce(func.sum(FILES.size), 0)
+        with self.engine.connect() as c:
+            total = c.scalar(select(bytes_).where(verified))
+            by_action = dict(
+                c.execute(
+                    select(latest.c.action, bytes_)
+                    .join(latest, latest.c.file_id == FILES.id)
+                    .where(verified)
+                    .group_by(latest.c.action)
+                ).all()
+            )
+            unchecked = 0
             if closed:
-                safe = c.scalar(
-                    select(func.coalesce(func.sum(FILES.size), 0)).where(
+                unchecked = c.scalar(
+                    select(bytes_).where(
                         verified, FILES.verified_at < cut.astimezone(UTC),
-                        FILES.id.not_in(freed_ids),
+                        FILES.id.not_in(select(latest.c.file_id)),
                     )
                 )  # fmt: skip
-        return {"verified_bytes": int(total or 0), "freed_bytes": int(freed or 0),
-                "safe_to_free_bytes": int(safe or 0)}  # fmt: skip
+        return {
+            "verified_bytes": int(total or 0),
+            "freed_bytes": int(by_action.get("deleted", 0) + by_action.get("gone", 0)),
+            "safe_to_free_bytes": int(by_action.get("would-delete", 0)) if closed else 0,
+            "kept_bytes": int(by_action.get("kept", 0)),
+            "unchecked_bytes": int(unchecked or 0),
+        }
 
     def _archived(self, c: Connection, session_id: int) -> int | None:
         """Movies the ledger records as archived, once it records that (an ``archived_at``

@@ -383,6 +383,11 @@ _CHECKERS: dict[str, tuple[str, _Checker]] = {
 CHECKED_SUFFIXES = frozenset(_CHECKERS)  # lower case; others are UNKNOWN
 
 
+def _check_expected(expected_frames: int | None) -> None:
+    if expected_frames is not None and expected_frames < 1:
+        raise ValueError(f"expected_frames must be at least 1, not {expected_frames}")
+
+
 def check_complete(path: Path, *, expected_frames: int | None = None) -> Completeness:
     """Whether the file at ``path`` says it is whole (see the module docstring per format).
 
@@ -391,8 +396,7 @@ def check_complete(path: Path, *, expected_frames: int | None = None) -> Complet
     Raises ``OSError`` when the file cannot be opened or read, ``ValueError`` for an
     ``expected_frames`` below 1; a problem with the content is never an exception.
     """
-    if expected_frames is not None and expected_frames < 1:
-        raise ValueError(f"expected_frames must be at least 1, not {expected_frames}")
+    _check_expected(expected_frames)
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in _CHECKERS:
@@ -408,6 +412,7 @@ def check_stream(
     """:func:`check_complete` on a stream already open (an SMB file: no local path), whose
     ``size`` was taken when it was opened; ``name``'s suffix picks the check. ``fh.read(n)``
     must return ``n`` bytes unless the file ends first."""
+    _check_expected(expected_frames)
     suffix = Path(name).suffix.lower()
     if suffix not in _CHECKERS:
         return Completeness(Verdict.UNKNOWN, f"no completeness check for {suffix or 'no suffix'}")

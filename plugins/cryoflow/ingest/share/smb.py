@@ -24,10 +24,11 @@ from __future__ import annotations
 import datetime as dt
 import io
 import logging
+import os
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO
 from urllib.parse import unquote, urlsplit
 
@@ -87,18 +88,35 @@ class SmbCredentials:
         return f"{self.domain}\\{self.username}" if self.domain else self.username
 
 
+#: A file holding the SMB password (a Docker Swarm secret), used when the Connection has none.
+PASSWORD_FILE_ENV = "CRYOFLOW_SMB_PASSWORD_FILE"
+
+
 def airflow_credentials(conn_id: str) -> SmbCredentials:
     """Login and password of the Airflow Connection ``conn_id`` (``extra.domain`` optional).
 
-    Imported lazily: the rest of this module is Airflow-free. Called in a worker or in the
-    triggerer's thread, never at DAG parse time."""
+    A Connection without a password takes it from the file ``$CRYOFLOW_SMB_PASSWORD_FILE``
+    names (the stack's ``smb_password`` secret): Airflow reads a Connection from the
+    environment as plain JSON, so the password itself stays out of it. Imported lazily: the
+    rest of this module is Airflow-free. Called in a worker or in the triggerer's thread,
+    never at DAG parse time."""
     from airflow.sdk import BaseHook
 
     conn = BaseHook.get_connection(conn_id)
     if not conn.login:
         raise ValueError(f"Airflow Connection {conn_id!r} has no login for the SMB share")
     domain = (conn.extra_dejson or {}).get("domain") or None
-    return SmbCredentials(conn.login, conn.password or "", domain)
+    password = conn.password or ""
+    secret = os.environ.get(PASSWORD_FILE_ENV)
+    if not password and secret:
+        try:
+            password = Path(secret).read_text().rstrip("\r\n")
+        except OSError as exc:
+            raise ValueError(
+                f"Airflow Connection {conn_id!r} has no password and {PASSWORD_FILE_ENV} "
+                f"({secret}) cannot be read: {exc.strerror}"
+            ) from None
+    return SmbCredentials(conn.login, password, domain)
 
 
 def _ns(when: dt.datetime) -> int:
