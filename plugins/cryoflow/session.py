@@ -571,7 +571,7 @@ def _verified(
 ) -> tuple[str, Any, Verified]:
     rel, dst, kind = job.start.relpath, job.dst, job.start.kind
     seconds = time.monotonic() - started
-    _tag(facility, handle, target, result.checksum)
+    archived = _tag(facility, handle, target, result.checksum)
     if claim.replaces is not None or target != dst:
         log.warning(
             "%s changed on the share after it was verified: the new content is copied to %s, "
@@ -588,15 +588,17 @@ def _verified(
         log.info("already in place and identical: %s", shown(rel))
     entry = {"relpath": rel, "file_id": claim.file_id, "kind": kind, "dest": str(target)}
     owe = tuple(first_steps(switches, kind))
-    return "copied", entry, Verified(claim.file_id, result.checksum, str(target), seconds, owe)
+    verified = Verified(claim.file_id, result.checksum, str(target), seconds, owe, archived)
+    return "copied", entry, verified
 
 
-def _tag(facility: FacilityConfig, handle: SessionHandle, path: Path, checksum: str) -> None:
-    """Archive attributes on the verified copy (the HSM policy migrates what carries them). A
-    file system without user xattrs only means the file stays on disk: logged, not failed."""
+def _tag(facility: FacilityConfig, handle: SessionHandle, path: Path, checksum: str) -> bool:
+    """Archive attributes on the verified copy (the HSM policy migrates what carries them); True
+    when they were set and read back. A file system without user xattrs only means the file
+    stays on disk: logged, not failed."""
     archive = facility.archive
     if not archive.tagging:
-        return
+        return False
     try:
         tag_verified(
             path,
@@ -608,6 +610,8 @@ def _tag(facility: FacilityConfig, handle: SessionHandle, path: Path, checksum: 
         )
     except OSError as exc:
         log.warning("%s verified but not tagged for the archive: %s", shown(path), shown(exc))
+        return False
+    return True
 
 
 def close_session(

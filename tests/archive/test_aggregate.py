@@ -275,6 +275,7 @@ def test_a_closing_session_bundles_its_small_files_and_its_summary_says_so(site_
     archive = summary["archive"]
     verified = [f for f in s.ledger.files(s.handle.session_id) if f.state == "verified"]
     assert archive["tags"]["tagged"] == len(verified) == 4 and archive["tags"]["untagged"] == 0
+    assert all(f.archived_at is not None for f in verified)  # the ledger knows it too
     tar = archive["small_files_tar"]
     assert tar is not None and tar["members"] == 2 and tar["tagged"] is True
     root = Path(s.handle.dest_root)

@@ -89,7 +89,7 @@ def fill(ledger: Ledger, name: str = "s1", *, movies: int = len(DRIFT), params: 
         rel = f"Images-Disc1/GridSquare_1/Data/FoilHole_{i}_Data_1_{i}_fractions.tiff"
         claim = ledger.begin_copy(sid, rel, kind="movie", size=100, mtime_ns=mtime, batch="b1")
         ledger.mark_verified(claim.file_id, checksum="ab" * 16, dest_path=f"/gpfs/{rel}",
-                             copy_seconds=0.5, owe=["motioncor"])  # fmt: skip
+                             copy_seconds=0.5, owe=["motioncor"], archived=True)  # fmt: skip
         xml = ledger.begin_copy(sid, rel.replace("_fractions.tiff", ".xml"), kind="movie_metadata",
                                 size=10, mtime_ns=mtime, batch="b1")  # fmt: skip
         ledger.mark_verified(xml.file_id, checksum="cd" * 16, dest_path="/gpfs/x.xml",
@@ -161,7 +161,7 @@ def test_counts_per_step(url: str) -> None:
     assert c["stages"]["ctf"]["pending"] == 1 and c["stages"]["ctf"]["owed"] == 1
     assert c["failed"] == 1 + 1  # the copy out of tries, the motion correction out of tries
     assert c["owed"] == 1 + 2 + 1 + 1  # copying, settling, motioncor retry, ctf pending
-    assert c["archived"] is None  # the ledger does not record archiving (yet)
+    assert c["archived"] == n  # movies whose tags were read back (the xml is not a movie)
     # metadata files are not movies
     assert sum(v for k, v in c.items() if k in ("copied", "copying", "copy_failed")) == n + 5
 

@@ -228,7 +228,9 @@ def _adopt(conn: Connection, where: str) -> str | None:
     if "cryoflow_files" in tables:
         files = {c["name"] for c in insp.get_columns("cryoflow_files")}
     revision = (
-        "0004"
+        "0005"
+        if "archived_at" in files
+        else "0004"
         if "accepted" in files
         else "0003"
         if "cryoflow_cleanup" in tables

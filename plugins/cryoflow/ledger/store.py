@@ -147,6 +147,8 @@ class FileRow(Base):
     accepted: Mapped[bool | None] = mapped_column()
     reject_reason: Mapped[str | None] = mapped_column(Text)
     decided_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # When the verified copy's archive tags were set and read back (None: not tagged).
+    archived_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 class StageRow(Base):
@@ -251,6 +253,7 @@ class Verified(NamedTuple):
     dest_path: str
     copy_seconds: float
     owe: tuple[str, ...] = ()
+    archived: bool = False  # its archive tags were set and read back
 
 
 class CopyClaim(NamedTuple):
@@ -521,10 +524,13 @@ class Ledger:
         dest_path: str,
         copy_seconds: float,
         owe: Iterable[str] = (),
+        archived: bool = False,
     ) -> None:
         """The copy is checksummed at its destination; in the same transaction the movie
         starts to owe the processing steps in ``owe`` (so no crash can lose them)."""
-        self.mark_verified_many([Verified(file_id, checksum, dest_path, copy_seconds, tuple(owe))])
+        self.mark_verified_many(
+            [Verified(file_id, checksum, dest_path, copy_seconds, tuple(owe), archived)]
+        )
 
     def mark_verified_many(self, copies: Iterable[Verified]) -> None:
         """:meth:`mark_verified` for many copies in one transaction (one bulk UPDATE; rows are
@@ -543,6 +549,7 @@ class Ledger:
                         "checksum": v.checksum,
                         "dest_path": v.dest_path,
                         "verified_at": now,
+                        "archived_at": now if v.archived else None,
                         "copy_seconds": v.copy_seconds,
                         "error": None,
                         "transient": False,

@@ -299,11 +299,9 @@ def _cards(counts: dict[str, Any]) -> str:
     ]
     cards = []
     for label, value, cls in items:
-        shown = _num(value) if value is not None else '<span class="muted" title="not recorded ' \
-            'in the ledger">n/r</span>'  # fmt: skip
         cards.append(
             f'<div class="card" data-count="{escape(label)}"><div class="lab">{escape(label)}'
-            f'</div><div class="big {cls}">{shown}</div></div>'
+            f'</div><div class="big {cls}">{_num(value)}</div></div>'
         )
     return '<div class="cards">' + "".join(cards) + "</div>"
 

@@ -566,18 +566,14 @@ class ViewQueries:
             "unchecked_bytes": int(unchecked or 0),
         }
 
-    def _archived(self, c: Connection, session_id: int) -> int | None:
-        """Movies the ledger records as archived, once it records that (an ``archived_at``
-        column); None while it does not (tagging for HSM is not recorded in the ledger)."""
-        column = FILES.get("archived_at")
-        if column is None:
-            return None
+    def _archived(self, c: Connection, session_id: int) -> int:
+        """Movies whose archive tags were set and read back after verification."""
         return int(
             c.scalar(
                 select(func.count()).where(
                     FILES.session_id == session_id,
                     FILES.kind == MOVIE_KIND,
-                    column.is_not(None),
+                    FILES.archived_at.is_not(None),
                 )
             )
             or 0
