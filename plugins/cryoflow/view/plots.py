@@ -323,6 +323,12 @@ def rates_svg(
             f'<polyline points="{pts}" fill="none" stroke="{RATE_COLOURS[k]}" '
             f'stroke-width="1.6" class="rate" data-series="{k}"/>'
         )
+        # a mark per hour: a session of one hour is one point, which a line alone never shows
+        body += [
+            f'<circle cx="{f.x(t + 1_800_000):.1f}" cy="{f.y(n):.1f}" r="2.5" '
+            f'fill="{RATE_COLOURS[k]}" class="rate-point"><title>{n} {escape(k)}</title></circle>'
+            for t, n in zip(hours, hourly[k], strict=False)
+        ]
     for k in keys:
         body.append(
             f'<rect x="{legend_x}" y="{f.top + 4}" width="10" height="10" '
