@@ -20,7 +20,9 @@ from cryoflow.view import plots
 CSS = """
 body{font:13px/1.4 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:16px;color:#1d1d1d}
 h1{font-size:20px;margin:0 0 4px}h2{font-size:16px;margin:22px 0 8px;border-bottom:1px solid #ddd}
-h3{font-size:14px;margin:14px 0 6px}a{color:#1f5fa8}table{border-collapse:collapse}.scroll{overflow-x:auto;max-width:100%}td.reason{max-width:280px;overflow:hidden;text-overflow:ellipsis;white-space:nowrap}
+h3{font-size:14px;margin:14px 0 6px}a{color:#1f5fa8}table{border-collapse:collapse}
+.scroll{overflow-x:auto;max-width:100%}
+td.reason{max-width:280px;overflow:hidden;text-overflow:ellipsis;white-space:nowrap}
 td,th{padding:3px 8px;border-bottom:1px solid #eee;text-align:right;white-space:nowrap}
 th{background:#f5f5f5;font-weight:600}td.l,th.l{text-align:left}.muted{color:#777}
 .bad{color:#b3261e;font-weight:600}.ok{color:#1b7f3b}.warn{color:#a15c00}
@@ -462,7 +464,8 @@ def _movie_table(movies: list[dict[str, Any]], th: dict[str, float], older: str 
     if not movies:
         return '<p class="muted">No copied movie yet.</p>'
     rows = [
-        "<div class='scroll'><table class='movies'><tr><th class='l'>Movie</th><th class='l'>Acquired</th>"
+        "<div class='scroll'><table class='movies'><tr><th class='l'>Movie</th>"
+        "<th class='l'>Acquired</th>"
         "<th>Drift Å</th><th>Defocus µm</th><th>Astig. Å</th><th>Fit Å</th>"
         "<th>Particles</th><th class='l'>Verdict</th><th class='l'>Task logs</th></tr>"
     ]
