@@ -19,7 +19,7 @@ from cryoflow.config import MicroscopeConfig, load_site, share_queue
 from cryoflow.operators.end_session import end_session
 from cryoflow.operators.ingest_batch import SessionBatchOperator
 from cryoflow.operators.process_owed import ProcessOwedOperator
-from cryoflow.session import SESSION_NAME_PATTERN, form_params
+from cryoflow.session import SESSION_NAME_PATTERN, trigger_form_params
 
 START = datetime(2026, 1, 1)
 
@@ -39,7 +39,7 @@ def ingest_dag(scope: MicroscopeConfig) -> DAG:
         catchup=False,
         is_paused_upon_creation=True,
         max_active_runs=1,  # one watch per microscope share at a time
-        params={name: Param(**spec) for name, spec in form_params(scope).items()},
+        params={name: Param(**spec) for name, spec in trigger_form_params(scope).items()},
         tags=["microscope", scope.id, *scope.tags],
         default_args={"retries": 3, "retry_delay": timedelta(seconds=30)},
     ) as dag:

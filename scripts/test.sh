@@ -16,5 +16,12 @@ if ! scripts/services.sh up; then
   fi
   echo "test: services unavailable; tests that need them will skip (they never skip under CI=true)" >&2
 fi
+# the UI tests' screenshots and JSON (tests/test_ui_*.py): kept in the checkout after the run, for
+# CI to collect as artefacts; git-ignored, and no other user may read them (0750)
+if [[ -z ${CRYOFLOW_ARTIFACTS:-} ]]; then
+  export CRYOFLOW_ARTIFACTS=$PWD/artifacts/ui
+  (umask 027 && mkdir -p "$CRYOFLOW_ARTIFACTS")
+  chmod 0750 artifacts "$CRYOFLOW_ARTIFACTS"
+fi
 .venv/bin/ruff check plugins dags tests benchmarks docker
 exec .venv/bin/python -m pytest "$@"

@@ -32,7 +32,13 @@ def test_every_microscope_yields_an_ingest_and_a_processing_dag(airflow_db) -> N
     # the trigger form is the session; its defaults come from the microscope's YAML
     assert dag.params["pixel_size_A"] == 0.832
     assert dag.params["frames"] == 50
-    assert dag.params.get_param("session_name").schema["pattern"].startswith("^[A-Za-z0-9]")
+    name = dag.params.get_param("session_name")
+    assert name.schema["pattern"].startswith("^[A-Za-z0-9]")
+    # its help (Markdown: shown only without a plain description) leads to the session view's
+    # start form, which flags each bad value beside its field; relative to the UI's <base href>
+    assert name.description is None
+    assert "(cryoflow/view/start/krios2)" in name.schema["description_md"]
+    assert "beside its field" in name.schema["description_md"]
     # optional text fields may stay empty in the form (a typed Param is otherwise required)
     assert dag.params.get_param("unix_group").schema["type"] == ["null", "string"]
     assert dag.params["unix_group"] is None

@@ -1,19 +1,25 @@
 """The session view as a person sees it: a real headless Chromium against a live Airflow.
 
 ``airflow standalone`` (LocalExecutor, the local compute backend, the built-in engines: the demo's
-settings, ``tests.ui_browser.demo_site``) runs a real session: the simulator writes three small
-synthetic EPU movies into the share, the session is started through the REST API (the trigger
-form itself is covered by tests/test_ui_trigger_form.py) and the test waits until the ledger has
-the movies' CTF and picking done. Chromium then logs in through the login page, opens the
-"Sessions" entry of the navigation and the session's page, and checks what it shows against the
-ledger: the counts per stage, the SVG plots of drift, defocus, astigmatism, fit resolution and
-particles, and the thumbnails (each image decoded by the browser). The view's API refuses a
-request without a token (401) and answers one with a token (200).
+settings, ``tests.ui_browser.demo_site``) runs a real session, one flow from the form to the view:
+the simulator writes three small synthetic EPU movies into the share; Chromium logs in through the
+login page and starts the session from the view's start form, where a bad session name is first
+flagged beside its field; then only the session name and the pixel size are filled in, every
+optional field is left empty and every other value is the microscope's default. The pixel size is
+the one value the simulated movies need: they are simulated at 2 Å/px (512 px wide, 15 particles
+of 150 Å: cheap to process) where krios1 records 0.73 Å/px, and processing uses the form's value.
+Their frame count and dose are krios1's defaults. The test waits until the ledger has the movies'
+CTF and picking done, opens the "Sessions" entry of the navigation and the session's page, and
+checks what it shows against the ledger: the counts per stage, the SVG plots of drift, defocus,
+astigmatism, fit resolution and particles, and the thumbnails (each image decoded by the
+browser). The view's API refuses a request without a token (401) and answers one with a token
+(200).
 
 The standalone is ``shared_airflow``: tests/test_ui_trigger_form.py run in the same pytest session
-uses it too (one start-up). Screenshots go to $CRYOFLOW_ARTIFACTS (default:
-<tmp_path>/screenshots); CI keeps them. Needs Debian's chromium + chromium-driver; skipped without
-them, a failure under CI=true.
+after this module uses it too (one start-up). Screenshots and JSON go to $CRYOFLOW_ARTIFACTS:
+scripts/test.sh (so CI) sets it to artifacts/ui/ in the checkout, where they stay after the run
+for CI to collect; without it, to a folder in pytest's tmp dir (``tests.ui_browser.artifacts_dir``).
+Needs Debian's chromium + chromium-driver; skipped without them, a failure under CI=true.
 """
 
 from __future__ import annotations
@@ -30,14 +36,24 @@ from typing import Any
 import httpx
 import pytest
 
+from cryoflow.config import load_site
 from cryoflow.ingest.share.layout import FileKind
 from cryoflow.ledger.store import Ledger, StageState
+from cryoflow.session import form_params
 from tests.conftest import ROOT
 from tests.ui_browser import (
     Browser,
     LiveAirflow,
+    artifacts_dir,
+    fill_start_field,
+    login,
+    open_start_form,
+    session_runs,
     shared_airflow,  # noqa: F401 - the session-wide standalone, a fixture
     shared_site,
+    start_field_cleared,
+    start_field_flag,
+    submit_start_form,
     wait_for,
 )
 
@@ -47,7 +63,7 @@ MICROSCOPE = "krios1"
 DAG_ID = f"session_{MICROSCOPE}"
 PROCESS_DAG = f"process_{MICROSCOPE}"
 MOVIES = 3
-FRAMES = 8
+#: the simulated movies' pixel size (Å): the one form value they need (see the module doc)
 PIXEL_SIZE = 2.0
 #: how long the movies may take from the trigger to CTF and picks in the ledger (measured: 72 s on
 #: a quiet 2-core machine, 117 s beside a CI run)
@@ -62,15 +78,11 @@ METRICS = ("total_drift", "defocus", "astigmatism", "fit_resolution", "particles
 
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = Path(
-        os.environ.get("CRYOFLOW_ARTIFACTS") or tmp_path_factory.mktemp("ui") / "screenshots"
-    )
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    return artifacts_dir(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
-def airflow(shared_airflow: LiveAirflow) -> LiveAirflow:  # noqa: F811 - the imported fixture
+def airflow(shared_airflow: LiveAirflow) -> Iterator[LiveAirflow]:  # noqa: F811 - the fixture
     with shared_airflow.api() as api:
         for dag_id in (DAG_ID, PROCESS_DAG):
             wait_for(
@@ -79,15 +91,20 @@ def airflow(shared_airflow: LiveAirflow) -> LiveAirflow:  # noqa: F811 - the imp
                 180,
                 interval=1,
             )
-    return shared_airflow
+    try:
+        yield shared_airflow
+    finally:
+        # the start form switched the DAG on: runs other tests trigger on the shared Airflow
+        # (the trigger form test's) stay queued
+        with shared_airflow.api() as api:
+            api.patch(f"/dags/{DAG_ID}", json={"is_paused": True})
 
 
 @pytest.fixture(scope="module")
-def processed_session(airflow: LiveAirflow, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
-    dict[str, Any]
-]:  # fmt: skip
-    """A session of three simulated movies, processed to CTF and picks; the ledger's counts."""
+def simulated_session(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """Three simulated movies on krios1's share, as its EPU would write them; the session name."""
     site = shared_site()
+    detector = load_site().microscopes[MICROSCOPE].detector
     name = f"view_{time.strftime('%Y%m%d_%H%M%S')}"
     share = Path(site["CRYOFLOW_SHARE_ROOT"]) / MICROSCOPE / name
     truth = tmp_path_factory.mktemp("truth")
@@ -95,65 +112,14 @@ def processed_session(airflow: LiveAirflow, tmp_path_factory: pytest.TempPathFac
     subprocess.run(
         [sys.executable, "-m", "cryoflow.simulator", "--layout", "epu", "--out", str(share),
          "--truth-dir", str(truth), "--movies", str(MOVIES), "--interval", "0",
-         "--write-seconds", "0", "--frames", str(FRAMES), "--size", "512x512",
-         "--pixel-size", str(PIXEL_SIZE), "--dose-per-frame", "1.0", "--format", "tiff",
-         "--content", "synthetic", "--particles", "15", "--contrast", "1.0", "--seed", "3",
-         "--session-name", name],
+         "--write-seconds", "0", "--frames", str(detector.frames), "--size", "512x512",
+         "--pixel-size", str(PIXEL_SIZE), "--dose-per-frame", str(detector.dose_per_frame),
+         "--format", "tiff", "--content", "synthetic", "--particles", "15", "--contrast", "1.0",
+         "--seed", "3", "--session-name", name],
         check=True, capture_output=True, timeout=120,
         env={**os.environ, "PYTHONPATH": str(ROOT / "plugins")},
     )  # fmt: skip
-    conf = {
-        "session_name": name,
-        "project": "ui-view",
-        "sample": "simulated particles",
-        "pixel_size_A": PIXEL_SIZE,
-        "frames": FRAMES,
-        "dose_per_frame": 1.0,
-        "idle_timeout_minutes": 0.5,
-    }
-    with airflow.api() as api:
-        api.patch(f"/dags/{DAG_ID}", json={"is_paused": False}).raise_for_status()
-        try:
-            api.post(
-                f"/dags/{DAG_ID}/dagRuns", json={"logical_date": None, "conf": conf}
-            ).raise_for_status()
-            ledger = Ledger(site["CRYOFLOW_LEDGER_URL"])
-
-            def processed() -> dict[str, Any] | None:
-                session = ledger.find_session(MICROSCOPE, name)
-                if session is None:
-                    return None
-                stages = ledger.stage_counts(session.id)
-                done = {st: stages.get(st, {}).get(str(StageState.DONE), 0) for st in stages}
-                if done.get("ctf", 0) < MOVIES or done.get("picking", 0) < MOVIES:
-                    return None
-                movies = [f for f in ledger.files(session.id) if f.kind == str(FileKind.MOVIE)]
-                return {
-                    "name": name,
-                    "id": session.id,
-                    "stages": stages,
-                    "counts": {
-                        "Seen on the share": len(movies),
-                        "Copied": sum(f.state == "verified" for f in movies),
-                        "Motion-corrected": done.get("motioncor", 0),
-                        "CTF": done["ctf"],
-                        "Picked": done["picking"],
-                    },
-                }
-
-            started = time.monotonic()
-            found = wait_for(
-                f"the ledger to hold CTF and picks of {MOVIES} movies of {name} "
-                f"(see {airflow.log} and the task logs under {airflow.home}/logs)",
-                processed,
-                PROCESSING_TIMEOUT,
-                interval=2,
-            )
-            found["processing_seconds"] = time.monotonic() - started
-            yield found
-        finally:
-            # runs other tests trigger on the shared Airflow (the form test's) stay queued
-            api.patch(f"/dags/{DAG_ID}", json={"is_paused": True})
+    return name
 
 
 @pytest.fixture(scope="module")
@@ -161,17 +127,75 @@ def browser(airflow: LiveAirflow, tmp_path_factory: pytest.TempPathFactory) -> I
     work = tmp_path_factory.mktemp("chromium-view")
     b = Browser(work / "profile", work / "chromedriver.log")
     try:
-        b.get(f"{airflow.base_url}/")
-        b.wait_css("input[name=username]").send_keys("admin")
-        b.find("input[name=password]").send_keys(airflow.password)
-        b.find("button[type=submit]").click()
-        wait_for("the login to go through", lambda: "/auth/login" not in b.url, 30)
+        login(b, airflow)
         yield b
     finally:
         b.close()
 
 
 # --- helpers -----------------------------------------------------------------------------------
+
+
+def start_session(b: Browser, airflow: LiveAirflow, name: str, artifacts: Path) -> dict[str, Any]:
+    """Start ``name`` from the view's start form as an operator does; the run's conf.
+
+    A bad session name is flagged beside its field first; then the name and the pixel size are
+    typed in and nothing else is touched: the optional fields stay empty."""
+    open_start_form(b, airflow, MICROSCOPE)
+    specs = form_params(load_site().microscopes[MICROSCOPE])
+    # optional (JSON-schema null allowed) and empty unless the operator types something
+    empty = [
+        n
+        for n, sp in specs.items()
+        if isinstance(sp["type"], list) and "null" in sp["type"] and sp["default"] is None
+    ]
+    assert empty, specs
+    shown = b.script(
+        "return Object.fromEntries([...document.querySelectorAll('form.start input')]"
+        ".map(i => [i.name, i.type === 'checkbox' ? i.checked : i.value]));"
+    )
+    assert set(shown) == set(specs), shown
+    assert all(shown[n] == "" for n in empty), shown  # the optional fields start empty
+    fill_start_field(b, "session_name", f"{name} !")
+    assert "must match" in start_field_flag(b, "session_name")
+    b.screenshot(artifacts / "view_00_start_bad_name_flagged.png")
+    fill_start_field(b, "session_name", name)
+    start_field_cleared(b, "session_name")
+    fill_start_field(b, "pixel_size_A", f"{PIXEL_SIZE:g}")
+    b.full_screenshot(artifacts / "view_00_start_form_filled.png")
+    submit_start_form(b, "started")
+    b.screenshot(artifacts / "view_00_started.png")
+    (run,) = session_runs(airflow, DAG_ID, name)
+    conf = run["conf"]
+    assert all(conf[n] is None for n in empty), conf  # left empty: null, the defaults apply
+    # the two values typed in; the rest as the form showed them: the microscope's defaults
+    typed = {"session_name": name, "pixel_size_A": PIXEL_SIZE}
+    assert conf == {n: sp["default"] for n, sp in specs.items()} | typed, conf
+    return conf
+
+
+def processed(ledger: Ledger, name: str) -> dict[str, Any] | None:
+    """The ledger's counts of ``name`` once all its movies have CTF and picks, else None."""
+    session = ledger.find_session(MICROSCOPE, name)
+    if session is None:
+        return None
+    stages = ledger.stage_counts(session.id)
+    done = {st: stages.get(st, {}).get(str(StageState.DONE), 0) for st in stages}
+    if done.get("ctf", 0) < MOVIES or done.get("picking", 0) < MOVIES:
+        return None
+    movies = [f for f in ledger.files(session.id) if f.kind == str(FileKind.MOVIE)]
+    return {
+        "name": name,
+        "id": session.id,
+        "stages": stages,
+        "counts": {
+            "Seen on the share": len(movies),
+            "Copied": sum(f.state == "verified" for f in movies),
+            "Motion-corrected": done.get("motioncor", 0),
+            "CTF": done["ctf"],
+            "Picked": done["picking"],
+        },
+    }
 
 
 def cards(b: Browser) -> dict[str, str]:
@@ -210,9 +234,21 @@ def test_view_api_refuses_a_request_without_a_token(airflow: LiveAirflow) -> Non
 
 
 def test_session_view_shows_what_the_ledger_holds(
-    airflow: LiveAirflow, processed_session: dict[str, Any], browser: Browser, artifacts: Path
+    airflow: LiveAirflow, simulated_session: str, browser: Browser, artifacts: Path
 ) -> None:
-    b, name = browser, processed_session["name"]
+    b, name = browser, simulated_session
+    conf = start_session(b, airflow, name, artifacts)
+    (artifacts / "view_00_run_conf.json").write_text(json.dumps(conf, indent=1, sort_keys=True))
+    ledger = Ledger(shared_site()["CRYOFLOW_LEDGER_URL"])
+    started = time.monotonic()
+    processed_session = wait_for(
+        f"the ledger to hold CTF and picks of {MOVIES} movies of {name} "
+        f"(see {airflow.log} and the task logs under {airflow.home}/logs)",
+        lambda: processed(ledger, name),
+        PROCESSING_TIMEOUT,
+        interval=2,
+    )
+    processed_session["processing_seconds"] = time.monotonic() - started
     (artifacts / "view_01_ledger.json").write_text(
         json.dumps(processed_session, indent=1, sort_keys=True, default=str)
     )

@@ -13,9 +13,13 @@ validates the params on submit and answers 400, shown as an alert at the top of 
 Trigger Dag / Bad Request" toast; the dialog stays open, the field shows no error. Number fields
 with a ``minimum`` clamp a smaller value to it on blur without a word (kv 0 -> 60); an
 ``exclusiveMinimum`` is not known to the input (pixel size 0 stays 0 and is refused on submit).
-``test_form_flags_a_bad_value_beside_the_field`` is a strict xfail for the inline flag.
+``test_form_flags_a_bad_value_beside_the_field`` is a strict xfail for the inline flag; the
+session name's help (``description_md``) leads to the session view's start form, which flags each
+value beside its field (the last test).
 
-Screenshots go to $CRYOFLOW_ARTIFACTS (default: <tmp_path>/screenshots); CI keeps them.
+Screenshots and JSON go to $CRYOFLOW_ARTIFACTS: scripts/test.sh (so CI) sets it to artifacts/ui/
+in the checkout, where they stay after the run for CI to collect; without it, to a folder in
+pytest's tmp dir (``tests.ui_browser.artifacts_dir``).
 Needs Debian's chromium + chromium-driver (``scripts/services.sh chromium`` installs them, as
 root); skipped without them, a failure under CI=true.
 """
@@ -23,7 +27,6 @@ root); skipped without them, a failure under CI=true.
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,9 +38,17 @@ from cryoflow.session import SessionParams
 from tests.ui_browser import (
     Browser,
     LiveAirflow,
+    artifacts_dir,
     demo_site,
     ensure_chromium,
+    fill_start_field,
     live_airflow,
+    login,
+    open_start_form,
+    session_runs,
+    start_field_cleared,
+    start_field_flag,
+    submit_start_form,
     wait_for,
 )
 
@@ -56,11 +67,7 @@ SUBMIT = "[data-testid=trigger-dag-submit]"
 
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = Path(
-        os.environ.get("CRYOFLOW_ARTIFACTS") or tmp_path_factory.mktemp("ui") / "screenshots"
-    )
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    return artifacts_dir(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -92,15 +99,6 @@ def browser(airflow_ui: LiveAirflow, tmp_path_factory: pytest.TempPathFactory) -
 
 
 # --- steps -------------------------------------------------------------------------------------
-
-
-def login(b: Browser, airflow: LiveAirflow) -> None:
-    """Through the login page, as a person does."""
-    b.get(f"{airflow.base_url}/")
-    b.wait_css("input[name=username]").send_keys("admin")
-    b.find("input[name=password]").send_keys(airflow.password)
-    b.find("button[type=submit]").click()
-    wait_for("the login to go through", lambda: "/auth/login" not in b.url, 30)
 
 
 def open_trigger_form(b: Browser, airflow: LiveAirflow) -> None:
@@ -137,12 +135,7 @@ def dialog_alert_text(b: Browser) -> str:
 
 
 def runs_with_session(airflow: LiveAirflow, name: str) -> list[dict]:
-    with airflow.api() as api:
-        resp = api.get(f"/dags/{DAG_ID}/dagRuns", params={"limit": 100})
-        resp.raise_for_status()
-        return [
-            r for r in resp.json()["dag_runs"] if (r.get("conf") or {}).get("session_name") == name
-        ]
+    return session_runs(airflow, DAG_ID, name)
 
 
 # --- tests -------------------------------------------------------------------------------------
@@ -161,6 +154,15 @@ def test_form_with_only_the_session_name_creates_the_run(
         assert not field_required(b, name), f"optional field {name} is marked required"
     # the empty session name is what holds the form back
     assert b.find(SUBMIT).prop("disabled") is True
+    # its help leads to the start form that flags each bad value beside its field (a link
+    # relative to the UI's <base href>, opened in a new tab)
+    link = b.script(
+        "const root = document.getElementById('element_session_name')"
+        "  .closest('[data-scope=field][data-part=root]');"
+        "const a = root && root.querySelector('a');"
+        "return a && {href: a.href, text: a.innerText, target: a.target};"
+    )
+    assert link and link["href"] == f"{airflow_ui.base_url}/cryoflow/view/start/{MICROSCOPE}", link
     b.full_screenshot(artifacts / "01_trigger_form.png")
 
     b.find("#element_session_name").send_keys(session)
@@ -278,31 +280,19 @@ def test_the_session_views_start_form_flags_a_bad_value_beside_its_field(
     a bad value is marked beside its field as the operator leaves it, and again from the
     server's answer; with it fixed and the optional fields empty, the session starts."""
     b = browser
-    b.get(f"{airflow_ui.base_url}/cryoflow/view/start/{MICROSCOPE}")
-    pixel = b.wait_css("#f-pixel_size_A", 30)
-    assert pixel.prop("value") == "0.73"  # the microscope's default
-    pixel.clear()
-    pixel.send_keys("0")
-    b.find("#f-kv").click()  # leave the field
-    error = wait_for("the pixel size flagged", lambda: b.find("#err-pixel_size_A").text, 10)
+    open_start_form(b, airflow_ui, MICROSCOPE)
+    assert b.find("#f-pixel_size_A").prop("value") == "0.73"  # the microscope's default
+    fill_start_field(b, "pixel_size_A", "0")
+    error = start_field_flag(b, "pixel_size_A")
     assert "> 0.1" in error, error
-    assert pixel.attribute("aria-invalid") == "true"
-    # the message sits in the field's own block, beside its input
-    assert b.script(
-        "return document.getElementById('err-pixel_size_A').closest('.field').dataset.field"
-    ) == "pixel_size_A"  # fmt: skip
     b.screenshot(artifacts / "start_01_bad_value_flagged.png")
     name = f"viewform_{time.strftime('%H%M%S')}"
-    b.find("#f-session_name").send_keys(name)
-    b.find("button.start").click()  # refused in the browser: nothing is sent
-    wait_for("the form to refuse", lambda: "to fix" in b.find("#start-result").text, 10)
+    fill_start_field(b, "session_name", name)
+    submit_start_form(b, "to fix", 10)  # refused in the browser: nothing is sent
     assert not runs_with_session(airflow_ui, name)
-    pixel.clear()
-    pixel.send_keys("1.1")
-    b.find("#f-kv").click()
-    wait_for("the flag to clear", lambda: b.find("#err-pixel_size_A").text == "", 10)
-    b.find("button.start").click()
-    wait_for("the start", lambda: "started" in b.find("#start-result").text, 30)
+    fill_start_field(b, "pixel_size_A", "1.1")
+    start_field_cleared(b, "pixel_size_A")
+    submit_start_form(b, "started")
     b.screenshot(artifacts / "start_02_started.png")
     runs = runs_with_session(airflow_ui, name)
     assert len(runs) == 1, runs

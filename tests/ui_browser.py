@@ -68,8 +68,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_for(what: str, check: Callable[[], T], timeout: float, interval: float = 0.25) -> T:
-    """Poll ``check`` until it returns something truthy (exceptions count as not yet)."""
+def wait_for(
+    what: str,
+    check: Callable[[], T],
+    timeout: float,
+    interval: float = 0.25,
+    stop_on: tuple[type[BaseException], ...] = (),
+) -> T:
+    """Poll ``check`` until it returns something truthy (exceptions count as not yet, but for
+    those of ``stop_on``: they end the wait at once)."""
     deadline = time.monotonic() + timeout
     last: BaseException | None = None
     while True:
@@ -77,6 +84,8 @@ def wait_for(what: str, check: Callable[[], T], timeout: float, interval: float 
             value = check()
             if value:
                 return value
+        except stop_on:
+            raise
         except Exception as exc:  # noqa: BLE001 - polled; the last one is reported
             last = exc
         if time.monotonic() >= deadline:
@@ -261,6 +270,17 @@ class Browser:
         self._log.close()
 
 
+def artifacts_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where the UI tests write their screenshots and JSON: ``$CRYOFLOW_ARTIFACTS`` (scripts/test.sh
+    sets it to ``artifacts/ui/`` in the checkout, git-ignored, left in place after the run for CI
+    to collect), else a folder in pytest's tmp dir (pytest prunes all but its last three). A
+    folder created here is 0750: not readable by other users."""
+    configured = os.environ.get("CRYOFLOW_ARTIFACTS")
+    path = Path(configured) if configured else tmp_path_factory.mktemp("ui") / "screenshots"
+    path.mkdir(mode=0o750, parents=True, exist_ok=True)
+    return path
+
+
 # --- a live Airflow ------------------------------------------------------------------------------
 
 
@@ -284,6 +304,71 @@ class LiveAirflow:
             headers={"Authorization": f"Bearer {token.json()['access_token']}"},
             timeout=30,
         )
+
+
+def login(b: Browser, airflow: LiveAirflow) -> None:
+    """Through Airflow's login page, as a person does."""
+    b.get(f"{airflow.base_url}/")
+    b.wait_css("input[name=username]").send_keys("admin")
+    b.find("input[name=password]").send_keys(airflow.password)
+    b.find("button[type=submit]").click()
+    wait_for("the login to go through", lambda: "/auth/login" not in b.url, 30)
+
+
+def session_runs(airflow: LiveAirflow, dag_id: str, session: str) -> list[dict]:
+    """The runs of ``dag_id`` (the last 100) whose conf names ``session``."""
+    with airflow.api() as api:
+        resp = api.get(f"/dags/{dag_id}/dagRuns", params={"limit": 100})
+        resp.raise_for_status()
+    return [
+        r for r in resp.json()["dag_runs"] if (r.get("conf") or {}).get("session_name") == session
+    ]
+
+
+# --- the session view's start form (plugins/cryoflow/view/start_form.py) ---------------------
+
+
+def open_start_form(b: Browser, airflow: LiveAirflow, microscope: str) -> None:
+    """The view's "start a session" page of ``microscope``, once its form is there."""
+    b.get(f"{airflow.base_url}/cryoflow/view/start/{microscope}")
+    b.wait_css("form.start #f-session_name", 30)
+
+
+def fill_start_field(b: Browser, field: str, value: str) -> Element:
+    """Type ``value`` into a field of the start form as a person does, then leave the field with
+    Tab (the form checks a field as it is left)."""
+    el = b.find(f"#f-{field}")
+    el.clear()
+    el.send_keys(value + "\ue004")  # Tab
+    return el
+
+
+def start_field_flag(b: Browser, field: str) -> str:
+    """Wait for the message beside ``field``, check that it sits in that field's own block and
+    that its input is marked invalid; return the message."""
+    message = wait_for(f"{field} flagged", lambda: b.find(f"#err-{field}").text, 10)
+    assert b.find(f"#f-{field}").attribute("aria-invalid") == "true"
+    block = b.script(
+        "return document.getElementById(arguments[0]).closest('.field').dataset.field",
+        f"err-{field}",
+    )
+    assert block == field, (field, block)
+    return message
+
+
+def start_field_cleared(b: Browser, field: str) -> None:
+    wait_for(f"the flag beside {field} to clear", lambda: b.find(f"#err-{field}").text == "", 10)
+    assert b.find(f"#f-{field}").attribute("aria-invalid") == "false"
+
+
+def submit_start_form(b: Browser, expect: str, timeout: float = 30) -> str:
+    """Click "Start session"; wait for ``expect`` in the answer beside the button; return it."""
+    b.find("button.start").click()
+    return wait_for(
+        f"{expect!r} beside the start button",
+        lambda: (t := b.find("#start-result").text) and expect in t and t,
+        timeout,
+    )
 
 
 def airflow_env(home: Path, port: int, site: dict[str, str]) -> dict[str, str]:
@@ -461,11 +546,49 @@ def shared_site() -> dict[str, str]:
     return dict(_shared.site)
 
 
+#: How many ports ``live_airflow`` tries: the port is picked free, but another process may take
+#: it in the seconds before the API server binds it ("[Errno 98] ... address already in use": the
+#: api-server dies, the standalone lives on without it).
+PORT_TRIES = 3
+
+
+class _Exited(RuntimeError):
+    pass
+
+
+class _PortTaken(RuntimeError):
+    pass
+
+
+def _port_taken(log: Path, offset: int) -> str:
+    """The line of the standalone's log (from ``offset``: this try) where a component could not
+    bind its port; empty if none."""
+    with log.open("rb") as f:
+        f.seek(offset)
+        text = f.read().decode(errors="replace")
+    return next((ln.strip() for ln in text.splitlines() if "address already in use" in ln), "")
+
+
+def _start_standalone(home: Path, port: int, site: dict[str, str], log: Path) -> subprocess.Popen:
+    # unbuffered: the log shows a component's failure as it happens (see _port_taken)
+    env = {**airflow_env(home, port, site), "PYTHONUNBUFFERED": "1"}
+    airflow = shutil.which("airflow", path=env["PATH"]) or "airflow"
+    with log.open("ab") as out:
+        # the parent ignores SIGINT (as in scripts/demo.sh): see stop_process_group
+        return subprocess.Popen(
+            ["bash", "-c", 'trap "" INT; exec "$0" standalone', airflow],
+            env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )  # fmt: skip
+
+
 @contextmanager
 def live_airflow(home: Path, site: dict[str, str], timeout: float = 240) -> Iterator[LiveAirflow]:
     """``airflow standalone`` on a free port with scripts/demo.sh's settings (it migrates the fresh
     SQLite database itself); yields once the API server answers. ~30 s on a quiet 2-core machine,
-    minutes when the machine is busy (``timeout``).
+    minutes when the machine is busy (``timeout``). A port taken by another process before the
+    standalone bound it is seen in its log within a second or so, and the standalone started
+    again on another port (``PORT_TRIES`` in all).
 
     While ``shared_airflow`` runs with the same settings but for the places, that one is
     yielded (and left running) instead."""
@@ -473,33 +596,47 @@ def live_airflow(home: Path, site: dict[str, str], timeout: float = 240) -> Iter
         yield _shared.airflow
         return
     home.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    env = airflow_env(home, port, site)
-    airflow = shutil.which("airflow", path=env["PATH"]) or "airflow"
-    log = home / "standalone.log"
-    with log.open("wb") as out:
-        # the parent ignores SIGINT (as in scripts/demo.sh): see stop_process_group
-        proc = subprocess.Popen(
-            ["bash", "-c", 'trap "" INT; exec "$0" standalone', airflow],
-            env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )  # fmt: skip
-    base = f"http://127.0.0.1:{port}"
-    try:
+    log = home / "standalone.log"  # every try's output, one after the other
+    log.touch()
+    pw_file = home / "simple_auth_manager_passwords.json.generated"
+    lost: list[str] = []
+    for _ in range(PORT_TRIES):
+        port = free_port()
+        base = f"http://127.0.0.1:{port}"
+        offset = log.stat().st_size
+        proc = _start_standalone(home, port, site, log)
 
-        def healthy() -> bool:
+        def healthy(proc: subprocess.Popen = proc, base: str = base, offset: int = offset) -> bool:
             if proc.poll() is not None:
-                raise RuntimeError(f"standalone exited {proc.returncode}")
+                raise _Exited(f"standalone exited {proc.returncode}")
+            if taken := _port_taken(log, offset):
+                raise _PortTaken(taken)
             return httpx.get(f"{base}/api/v2/monitor/health", timeout=5).status_code == 200
 
         try:
-            wait_for(f"Airflow UI on {base}", healthy, timeout)
-            pw_file = home / "simple_auth_manager_passwords.json.generated"
+            wait_for(f"Airflow UI on {base}", healthy, timeout, stop_on=(_Exited, _PortTaken))
             password = wait_for(
                 "admin password", lambda: json.loads(pw_file.read_text())["admin"], 30
             )
-        except (AssertionError, RuntimeError) as exc:
+        except _PortTaken as exc:
+            stop_process_group(proc)
+            lost.append(f"port {port}: {exc}")
+            continue
+        except (AssertionError, _Exited) as exc:
+            stop_process_group(proc)
             unavailable(f"airflow standalone: {exc}\n{log.read_text()[-3000:]}")
+        except BaseException:
+            stop_process_group(proc)
+            raise
+        break
+    else:
+        unavailable(
+            f"airflow standalone: {PORT_TRIES} tries, and each time another process took a port "
+            "it was given before it bound it (the API server's port, then the log line):\n"
+            + "\n".join(lost)
+            + f"\nsee {log}"
+        )
+    try:
         yield LiveAirflow(base_url=base, home=home, log=log, password=password, proc=proc)
     finally:
         stop_process_group(proc)

@@ -238,6 +238,28 @@ class SessionHandle:
         return cls(**data)
 
 
+#: The session name's help in Airflow's trigger form, which flags a bad value only after Trigger,
+#: at the top of its dialog. The link is relative to the UI's ``<base href>`` (Airflow's base URL,
+#: whatever its ``[api] base_url``): the session view's start form (cryoflow.view.app, mounted at
+#: ``cryoflow/view``). Airflow shows ``description_md`` only for a Param without ``description``.
+START_FORM_HELP = (
+    "{description} Airflow's form flags a bad value only after Trigger, at the top of this "
+    "dialog; the [start form of the Sessions view](cryoflow/view/start/{microscope}) checks each "
+    "value beside its field as you leave it."
+)
+
+
+def trigger_form_params(scope: MicroscopeConfig) -> dict[str, dict[str, Any]]:
+    """Airflow's trigger form: :func:`form_params`, the session name's help leading to the
+    session view's start form (which checks each value beside its field)."""
+    specs = form_params(scope)
+    name = specs["session_name"]
+    name["description_md"] = START_FORM_HELP.format(
+        description=name.pop("description", ""), microscope=scope.id
+    )
+    return specs
+
+
 def open_session(
     facility: FacilityConfig,
     scope: MicroscopeConfig,
