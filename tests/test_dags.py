@@ -88,10 +88,14 @@ def test_session_form_rejects_unsafe_session_names(airflow_db, site_env) -> None
         dag.test(run_conf={"session_name": "../../etc"})
 
 
-def test_dag_file_parses_in_a_plain_interpreter() -> None:
-    """What the DAG processor does: import the file with plugins/ on sys.path."""
-    files = ("microscope_sessions.py", "share_cleanup.py")
-    code = f"import runpy; [runpy.run_path('dags/' + f) for f in {files!r}]"
+DAG_FILES = ("microscope_sessions.py", "share_cleanup.py")
+
+
+def _parse_dag_files(before: str = "", after: str = "") -> subprocess.CompletedProcess[str]:
+    """What the DAG processor does: import the files with plugins/ on sys.path, in a fresh
+    interpreter (``before``/``after``: code around the import)."""
+    parse = f"[runpy.run_path('dags/' + f) for f in {DAG_FILES!r}]\n"
+    code = f"import runpy, sys\n{before}{parse}{after}"
     proc = subprocess.run(
         [sys.executable, "-c", code],
         cwd=ROOT,
@@ -100,6 +104,11 @@ def test_dag_file_parses_in_a_plain_interpreter() -> None:
         env={**__import__("os").environ, "PYTHONPATH": str(ROOT / "plugins")},
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc
+
+
+def test_dag_file_parses_in_a_plain_interpreter() -> None:
+    _parse_dag_files()
 
 
 #: Not needed to define the DAGs; each costs every task start (a start parses the DAG file)
@@ -110,21 +119,9 @@ HEAVY_AT_PARSE = (
 
 
 def test_dag_files_leave_heavy_libraries_to_the_tasks_that_use_them() -> None:
-    files = ("microscope_sessions.py", "share_cleanup.py")
-    code = (
-        "import runpy, sys\n"
-        "import airflow.sdk\n"
-        "before = set(sys.modules)\n"
-        f"[runpy.run_path('dags/' + f) for f in {files!r}]\n"
-        "print(' '.join(sorted({m.split('.')[0] for m in set(sys.modules) - before})))\n"
+    proc = _parse_dag_files(
+        before="import airflow.sdk\nbefore = set(sys.modules)\n",
+        after="print(' '.join(sorted({m.split('.')[0] for m in set(sys.modules) - before})))\n",
     )
-    proc = subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        env={**__import__("os").environ, "PYTHONPATH": str(ROOT / "plugins")},
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
     loaded = set(proc.stdout.split())
     assert not loaded & set(HEAVY_AT_PARSE), sorted(loaded & set(HEAVY_AT_PARSE))
