@@ -298,6 +298,40 @@ def test_source_vanishing_before_its_copy(ingest: Ingest) -> None:
     ingest.assert_clean()
 
 
+def test_a_batch_of_many_small_files_is_verified_chunk_by_chunk(ingest: Ingest) -> None:
+    """Small files are written, flushed and read back in chunks (the next chunk is written
+    while one is verified): every one of them reaches its final name verified and tagged,
+    and one that vanished in a middle chunk stays owed without costing its neighbours."""
+    from cryoflow.session import SMALL_CHUNK
+
+    count = 2 * SMALL_CHUNK + 22  # three chunks
+    rels = []
+    for i in range(count):
+        rels.append(f"Images-Disc1/GridSquare_2/Data/FoilHole_{i}_Data_2_3_20240101_120000.xml")
+        path = ingest.share / rels[-1]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        body = os.urandom(4_000 + 97 * i).hex()  # EPU XML of a few to some tens of kB
+        path.write_text(f"<MicroscopeImage><n>{i}</n><b>{body}</b></MicroscopeImage>")
+    event = ingest.watch()
+    assert event is not None and len(event["files"]) == count
+    gone = rels[SMALL_CHUNK + 5]
+    kept = ingest.share / (gone + ".away")
+    (ingest.share / gone).rename(kept)
+    report = ingest_event(
+        ingest.facility, ingest.scope, ingest.handle, event, "b-many", ingest.params
+    )
+    assert [f["relpath"] for f in report.failed] == [gone]
+    assert len(report.copied) == count - 1
+    ingest.assert_clean()
+    for rel in rels:
+        if rel != gone:
+            assert ingest.state(rel) == FileState.VERIFIED, rel
+            assert os.getxattr(ingest.raw / rel, "user.cryoflow.checksum").startswith(b"xxh3")
+    kept.rename(ingest.share / gone)
+    ingest.until_verified(gone)
+    ingest.assert_clean()
+
+
 def test_file_replaced_after_verification_is_copied_beside_the_first(
     ingest: Ingest, caplog
 ) -> None:

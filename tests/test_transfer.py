@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import xxhash
 
+from cryoflow.ingest import transfer
 from cryoflow.ingest.share.source import SourceFile
 from cryoflow.ingest.transfer import (
     DestinationTakenError,
@@ -92,9 +93,14 @@ def test_second_copy_of_identical_file_copies_nothing(
     assert dst.stat().st_ino == inode  # the verified file was not rewritten
 
 
+@pytest.mark.parametrize("rename", ["renameat2", "link"])
 def test_different_file_at_destination_is_never_overwritten(
-    root: Path, source: Source, gpfs: Path
+    root: Path, source: Source, gpfs: Path, rename: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Both ways of naming a verified copy refuse to replace: renameat2(RENAME_NOREPLACE),
+    and the hard link used where the kernel or file system lacks it."""
+    if rename == "link":
+        monkeypatch.setattr(transfer, "_renameat2_no_replace", lambda tmp, dst: False)
     _write(root / "a.mrc", 50_000, seed=1)
     dst = _write(gpfs / "out" / "a.mrc", 50_000, seed=2)
     before = dst.read_bytes()

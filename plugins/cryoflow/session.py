@@ -9,9 +9,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import queue
 import re
 import time
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -34,6 +35,7 @@ from cryoflow.ingest.transfer import (
     TransferError,
     commit_copy,
     fsync_dir,
+    read_ahead,
     read_back_from_storage,
     stage_copy,
     sync_filesystem,
@@ -443,44 +445,69 @@ def transfer_batch(
 
     streams = max(1, min(facility.transfer.streams, len(jobs)))
     recorded_at = time.monotonic()
-    staged: list[tuple[_CopyJob, CopyClaim, Staged, float]] = []
+    work = list(zip(jobs, claims, strict=True))
+    small = [(j, c) for j, c in work if j.start.size < SMALL_FILE_BYTES]
+    large = [(j, c) for j, c in work if j.start.size >= SMALL_FILE_BYTES]
+    with ThreadPoolExecutor(streams, thread_name_prefix="copy") as pool:
+        # Futures report through one queue (``wait`` on the rest would cost O(n) per result).
+        results: queue.SimpleQueue[Future] = queue.SimpleQueue()
 
-    def drain(futures: set[Future]) -> None:
-        """Take results as they come; what is verified is recorded at least every
-        RECORD_SECONDS, also while a big file is still being copied."""
-        nonlocal recorded_at
-        while futures:
-            done, futures = wait(futures, RECORD_SECONDS, return_when=FIRST_COMPLETED)
-            for future in done:
-                outcome = future.result()
+        def submit(phase: str, fn: Any, *args: Any) -> None:
+            pool.submit(lambda: (phase, fn(*args))).add_done_callback(results.put)
+
+        def run(chunks: list[list[tuple[_CopyJob, CopyClaim]]]) -> None:
+            """Copy chunk after chunk. A small file is written without its own fsync; once
+            its chunk is written, one sync and a read-back from the storage verify the chunk
+            while the next chunk is being written, then each file gets its final name.
+            What is verified is recorded at least every RECORD_SECONDS."""
+            nonlocal recorded_at
+            pending, to_stage, index = 0, 0, 0
+            staged: list[tuple[_CopyJob, CopyClaim, Staged, float]] = []
+            while True:
+                if to_stage == 0:  # the chunk is written: start the next, verify this one
+                    if index < len(chunks):
+                        for job, claim in chunks[index]:
+                            submit("stage", _stage_one, facility, handle, job, claim, switches)
+                        pending += len(chunks[index])
+                        to_stage = len(chunks[index])
+                        index += 1
+                    if staged:
+                        sync_filesystem(Path(handle.dest_root))
+                        evicted = read_back_from_storage(s[2].tmp for s in staged)
+                        for s in staged:
+                            submit("finish", _finish_one, facility, handle, *s, switches,
+                                   s[2].tmp in evicted)  # fmt: skip
+                        pending += len(staged)
+                        staged = []
+                if not pending:
+                    return
+                try:
+                    phase, outcome = results.get(timeout=RECORD_SECONDS).result()
+                except queue.Empty:
+                    if verified:
+                        record()
+                        recorded_at = time.monotonic()
+                    continue
+                pending -= 1
+                to_stage -= phase == "stage"
                 if isinstance(outcome[2], Staged):
                     staged.append((outcome[0], outcome[1], outcome[2], outcome[3]))
                 elif outcome[2] is None:
                     getattr(report, outcome[0]).append(outcome[1])
                 else:
                     verified.append((outcome[2], outcome[1]))
-            if verified and (
-                len(verified) >= 64 or time.monotonic() - recorded_at >= RECORD_SECONDS
-            ):
-                record()
-                recorded_at = time.monotonic()
+                if verified and (
+                    len(verified) >= 64 or time.monotonic() - recorded_at >= RECORD_SECONDS
+                ):
+                    record()
+                    recorded_at = time.monotonic()
 
-    work = list(zip(jobs, claims, strict=True))
-    small = [(j, c) for j, c in work if j.start.size < SMALL_FILE_BYTES]
-    large = [(j, c) for j, c in work if j.start.size >= SMALL_FILE_BYTES]
-    with ThreadPoolExecutor(streams, thread_name_prefix="copy") as pool:
-        # Small files first, all written, one sync, then each read back and named: they are
-        # in the ledger before the movies' longer copies start.
-        drain({pool.submit(_stage_one, facility, handle, j, c, switches) for j, c in small})
-        if staged:
-            sync_filesystem(Path(handle.dest_root))
-            evicted = read_back_from_storage(s[2].tmp for s in staged)
-            drain({
-                pool.submit(_finish_one, facility, handle, *s, switches, s[2].tmp in evicted)
-                for s in staged
-            })  # fmt: skip
+        # Small files first: they are in the ledger before the movies' longer copies start.
+        if resolve is not None:
+            read_ahead(j.src for j, _ in small)
+        run([small[k : k + SMALL_CHUNK] for k in range(0, len(small), SMALL_CHUNK)])
         record()
-        drain({pool.submit(_stage_one, facility, handle, j, c, switches) for j, c in large})
+        run([large])
     record()
     if smb is not None:
         smb.close()  # its connection (and receiver thread) would outlive the batch otherwise
@@ -498,8 +525,9 @@ class _CopyJob:
     dst: Path
 
 
-# Below this size a file is not fsync-ed on its own: a batch's small files share one sync.
+# Below this size a file is not fsync-ed on its own: a chunk of small files shares one sync.
 SMALL_FILE_BYTES = 4 << 20
+SMALL_CHUNK = 64
 
 
 def _stage_one(

@@ -144,6 +144,23 @@ except (OSError, AttributeError):
     _LIBC = None
 
 
+def read_ahead(paths: Iterable[Path]) -> None:
+    """Ask the kernel to start reading these files now, all at once (``POSIX_FADV_WILLNEED``):
+    a batch of small sources is then read with many requests in flight instead of one small
+    read after another. A file that cannot be opened is left to the copy to report."""
+    for path in paths:
+        try:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except OSError:
+            continue
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+        except (OSError, AttributeError):
+            pass
+        finally:
+            os.close(fd)
+
+
 def read_back_from_storage(paths: Iterable[Path]) -> set[Path]:
     """For files just flushed (their pages clean): drop them from the page cache and ask the
     kernel to read them again from the storage, all at once. The read-back verification of many
@@ -334,8 +351,11 @@ def _stage(
 
 
 def _rename_no_clobber(tmp: Path, dst: Path) -> None:
-    """Give ``tmp`` its final name unless that name exists (a hard link is atomic and refuses
-    to replace; a filesystem without links falls back to a checked rename)."""
+    """Give ``tmp`` its final name unless that name exists: ``renameat2(RENAME_NOREPLACE)``,
+    one atomic call that refuses to replace; where the kernel or file system lacks it, a hard
+    link (atomic, refuses too) and an unlink; without links, a checked rename."""
+    if _renameat2_no_replace(tmp, dst):
+        return
     try:
         os.link(tmp, dst)
     except FileExistsError:
@@ -348,6 +368,25 @@ def _rename_no_clobber(tmp: Path, dst: Path) -> None:
         os.rename(tmp, dst)
         return
     tmp.unlink()
+
+
+_AT_FDCWD = -100
+_RENAME_NOREPLACE = 1
+
+
+def _renameat2_no_replace(tmp: Path, dst: Path) -> bool:
+    """True when renamed; False when this kernel or file system cannot say "no replace"."""
+    rename = getattr(_LIBC, "renameat2", None)
+    if rename is None:
+        return False
+    if rename(_AT_FDCWD, os.fsencode(tmp), _AT_FDCWD, os.fsencode(dst), _RENAME_NOREPLACE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err == errno.EEXIST:
+        raise DestinationTakenError(f"{dst}: already holds a different file; kept")
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(dst))
 
 
 def _existing_identical(src: Path | SourceFile, dst: Path, src_stat: Any) -> CopyResult | None:
