@@ -503,8 +503,8 @@ def transfer_batch(
                     recorded_at = time.monotonic()
 
         # Small files first: they are in the ledger before the movies' longer copies start.
-        if resolve is not None:
-            read_ahead(j.src for j, _ in small)
+        if resolve is not None:  # in a pool thread: on a CIFS mount the opens are round trips
+            pool.submit(read_ahead, [j.src for j, _ in small])
         run([small[k : k + SMALL_CHUNK] for k in range(0, len(small), SMALL_CHUNK)])
         record()
         run([large])
