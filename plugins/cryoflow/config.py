@@ -129,6 +129,13 @@ class TransferConfig(_Model):
     settle_seconds: float = Field(
         30.0, gt=0, description="A file is complete once size and mtime stayed unchanged this long."
     )
+    whole_settle_seconds: float | None = Field(
+        2.0,
+        gt=0,
+        description="A file whose format proves it finished (a movie with the session's "
+        "frame count, an EER with the frames its metadata promises, well-formed XML) is ready "
+        "after this long unchanged instead of settle_seconds; null: every file settles.",
+    )
     poll_seconds: float = Field(10.0, gt=0, description="Share scan interval.")
     batch_max_files: int = Field(200, ge=1, le=1024, description="Most files in one batch run.")
     batch_window_seconds: float = Field(

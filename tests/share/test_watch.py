@@ -225,3 +225,42 @@ def test_the_end_time_ends_a_session_whose_share_is_offline(share_backend: Backe
         watch.poll(0.0, wall=deadline - timedelta(seconds=1))
     out = watch.poll(1.0, wall=deadline)
     assert out.status == "ended" and "end time" in out.reason
+
+
+def test_files_proven_whole_skip_the_settle_time_and_nothing_else_does(
+    share_backend: Backend,
+) -> None:
+    """A movie with the session's frame count, or well-formed XML, cannot grow: ready after
+    ``whole_settle_seconds`` quiet. A TIFF whose count is not known (more pages may follow), a
+    TIFF short of the count (its writer paused) and a file no format check covers sit out
+    the whole settle time."""
+    import numpy as np
+
+    from cryoflow.processing.engines.synthetic import write_movie_tiff
+
+    b = share_backend
+    frames = np.zeros((4, 16, 16), dtype=np.uint8)
+    write_movie_tiff(b.root / "m1_fractions.tiff", frames)
+    write_movie_tiff(b.root / "m2_fractions.tiff", frames[:3])
+    (b.root / "whole.xml").write_text("<Movie><Frames>4</Frames></Movie>")
+    (b.root / "notes.dat").write_bytes(b"1")
+    settings = _settings(
+        b.root, settle_seconds=30.0, whole_settle_seconds=1.5, expected_frames=4,
+        batch_window_seconds=0.0, batch_max_files=10,
+    )  # fmt: skip
+    watch = ShareWatch(settings, done={}, started=0.0, source=b.source)
+    assert watch.poll(0.0).status == "wait"
+    out = watch.poll(2.0)
+    assert out.status == "ready"
+    assert [f["relpath"] for f in out.files] == ["m1_fractions.tiff", "whole.xml"]
+    # Without a frame count the same whole TIFF waits for the settle time.
+    unknown = ShareWatch(
+        _settings(b.root, settle_seconds=30.0, whole_settle_seconds=1.5, batch_window_seconds=0.0,
+                  batch_max_files=10),
+        done={}, started=0.0, source=b.source,
+    )  # fmt: skip
+    unknown.poll(0.0)
+    assert [f["relpath"] for f in unknown.poll(2.0).files] == ["whole.xml"]
+    late = unknown.poll(31.0)
+    names = {f["relpath"] for f in late.files}
+    assert names >= {"notes.dat", "m1_fractions.tiff", "m2_fractions.tiff"}

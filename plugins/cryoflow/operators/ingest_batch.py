@@ -55,6 +55,7 @@ def watch_trigger(
         session_id=handle.session_id,
         exclude=list(scope.share.exclude),
         settle_seconds=scope.share.settle_seconds or transfer.settle_seconds,
+        whole_settle_seconds=transfer.whole_settle_seconds,
         poll_seconds=transfer.poll_seconds,
         batch_max_files=transfer.batch_max_files,
         batch_window_seconds=transfer.batch_window_seconds,

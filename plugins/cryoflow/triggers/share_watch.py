@@ -86,6 +86,7 @@ class ShareWatchTrigger(BaseTrigger):
         session_id: int,
         exclude: list[str] | None = None,
         settle_seconds: float = 30.0,
+        whole_settle_seconds: float | None = None,
         poll_seconds: float = 10.0,
         batch_max_files: int = 200,
         batch_window_seconds: float = 60.0,
@@ -106,6 +107,7 @@ class ShareWatchTrigger(BaseTrigger):
         self.session_id = session_id
         self.exclude = list(exclude or [])
         self.settle_seconds = settle_seconds
+        self.whole_settle_seconds = whole_settle_seconds
         self.poll_seconds = poll_seconds
         self.batch_max_files = batch_max_files
         self.batch_window_seconds = batch_window_seconds
@@ -130,6 +132,7 @@ class ShareWatchTrigger(BaseTrigger):
                 "session_id": self.session_id,
                 "exclude": self.exclude,
                 "settle_seconds": self.settle_seconds,
+                "whole_settle_seconds": self.whole_settle_seconds,
                 "poll_seconds": self.poll_seconds,
                 "batch_max_files": self.batch_max_files,
                 "batch_window_seconds": self.batch_window_seconds,
@@ -151,6 +154,7 @@ class ShareWatchTrigger(BaseTrigger):
             root=Path(self.root),
             exclude=tuple(self.exclude),
             settle_seconds=self.settle_seconds,
+            whole_settle_seconds=self.whole_settle_seconds,
             batch_max_files=self.batch_max_files,
             batch_window_seconds=self.batch_window_seconds,
             idle_timeout_seconds=self.idle_timeout_seconds,

@@ -57,6 +57,10 @@ class Completeness:
     verdict: Verdict
     reason: str = ""
     frames: int | None = None  # TIFF pages / MRC nz
+    # The file itself proves nothing more will be written: well-formed XML (its root is
+    # closed), an EER with every frame its metadata promises. A movie's page or frame count
+    # proves it only against an expected count, which the caller compares.
+    final: bool = False
 
     @property
     def complete(self) -> bool:
@@ -353,7 +357,7 @@ def _check_tiff(
         raise _Incomplete(f"TIFF has {pages} pages, expected {expected_frames}", pages)
     if promised is not None and pages < promised:
         raise _Incomplete(f"EER has {pages} pages, its metadata says {promised} frames", pages)
-    return Completeness(Verdict.COMPLETE, f"{pages} pages", pages)
+    return Completeness(Verdict.COMPLETE, f"{pages} pages", pages, final=promised is not None)
 
 
 # --- XML -----------------------------------------------------------------------------------------
@@ -366,7 +370,7 @@ def _check_xml(fh: BinaryIO, size: int, expected_frames: int | None) -> Complete
         parser.ParseFile(fh)
     except expat.ExpatError as exc:
         raise _Incomplete(f"XML is not well-formed ({size} bytes): {exc}") from None
-    return Completeness(Verdict.COMPLETE, "well-formed XML")
+    return Completeness(Verdict.COMPLETE, "well-formed XML", final=True)
 
 
 # --- front ---------------------------------------------------------------------------------------

@@ -34,6 +34,9 @@ class WatchSettings:
     root: Path
     exclude: tuple[str, ...] = ()
     settle_seconds: float = 30.0
+    # A file whose format proves it finished (``_proven_whole``) is ready after this long
+    # unchanged instead of ``settle_seconds``; None: every file sits out the settle time.
+    whole_settle_seconds: float | None = None
     batch_max_files: int = 200
     batch_window_seconds: float = 60.0
     idle_timeout_seconds: float = 3600.0
@@ -131,6 +134,31 @@ class ShareWatch:
         self._verdicts[rel] = (stat, verdict)
         return verdict
 
+    def _proven_whole(self, rel: str, stat: FileStat) -> bool:
+        """Whole by its format *and* unable to grow: a movie with the session's frame count, an
+        EER with the frames its metadata promises, well-formed XML. Only these may skip the
+        settle time: a TIFF or MRC whose count is not known could still get frames appended."""
+        s = self.settings
+        if s.whole_settle_seconds is None or s.whole_settle_seconds >= s.settle_seconds:
+            return False
+        try:
+            if self.source.held_for_writing(rel):
+                return False
+            verdict = self._completeness(rel, stat)
+        except HeldForWriting:
+            return False
+        if not verdict.complete:
+            return False
+        if verdict.final:
+            return True
+        frames, expected = verdict.frames, self.frames
+        return (
+            frames is not None
+            and expected is not None
+            and frames >= expected
+            and self._counts_frames(rel)
+        )
+
     def _readiness(self, rel: str, stat: FileStat, now: float) -> tuple[str, str]:
         """("ready" | "held" | "abandoned", why) for a file quiet for the settle time."""
         s = self.settings
@@ -180,6 +208,19 @@ class ShareWatch:
         ready, settling, abandoned, warnings = set(), set(obs.settling), [], []
         errors = list(scan.errors)
         self._held = {}
+        quick = s.whole_settle_seconds
+        if quick is not None:  # settling, but quiet long enough for a file proven whole
+            for rel in sorted(obs.settling - obs.changed):
+                if self.tracker.unchanged_for(rel, now) < quick:
+                    continue
+                try:
+                    if self._proven_whole(rel, todo[rel]):
+                        ready.add(rel)
+                        settling.discard(rel)
+                except ShareOffline:
+                    raise
+                except OSError:  # vanished or unreadable: the settle path decides later
+                    continue
         for rel in obs.ready:
             try:
                 state, why = self._readiness(rel, todo[rel], now)
