@@ -179,6 +179,18 @@ class ProcessingConfig(_Model):
     claim_grace_seconds: float = Field(
         600.0, gt=0, description="A claim this old whose job ended was left by a dead run."
     )
+    wake_seconds: float = Field(
+        15.0,
+        gt=0,
+        description="A run following a job looks for newly owed movies at least this often "
+        "(it also looks each time a job ends).",
+    )
+    takes_new_work_minutes: float = Field(
+        30.0,
+        gt=0,
+        description="A run stops taking newly owed movies after this long and ends when its "
+        "jobs end (the next run takes over): bounded task logs.",
+    )
 
 
 class SoftwareStep(_Model):

@@ -159,9 +159,29 @@ def test_trigger_yields_one_final_event_with_per_index_results(
     ]
 
 
+def test_trigger_wakes_its_task_while_the_job_still_runs(
+    hook: SlurmHook, slurm_services: SlurmServices, remote_job_root: str
+) -> None:
+    """A processing run follows one array but must look for newly owed movies meanwhile: with
+    ``wake_after_s`` the trigger ends with a "wake" event (the job is left running), and a
+    trigger without it waits for the end."""
+    job = _submit(hook, remote_job_root, "wake", [["sleep", "20"]])
+    try:
+        t0 = time.monotonic()
+        events = asyncio.run(_events(_trigger(slurm_services, job, wake_after_s=1.5)))
+        assert time.monotonic() - t0 < 10
+        assert [e["status"] for e in events] == ["wake"]
+        assert events[0]["tasks"]["0"]["state"] in ("PENDING", "RUNNING")
+        assert not hook.poll([job])[job.job_id][0].terminal  # the job goes on
+    finally:
+        subprocess.run(["scancel", job.job_id], check=False)
+
+
 def test_trigger_serialize_round_trips(slurm_services: SlurmServices) -> None:
     job = SubmittedJob("123", "/home/cryo/x", 4)
-    trigger = _trigger(slurm_services, job, max_failures=7, lost_after_polls=3)
+    trigger = _trigger(
+        slurm_services, job, max_failures=7, lost_after_polls=3, wake_after_s=15.0
+    )
     classpath, kwargs = trigger.serialize()
     module, _, name = classpath.rpartition(".")
     rebuilt = getattr(__import__(module, fromlist=[name]), name)(**kwargs)

@@ -4,7 +4,10 @@ A processing run is started by ingest (an asset event per copied batch) and neve
 It claims the owed MotionCor2 work of every session of its microscope in the ledger, submits it
 as one job array and defers; when the array ends it records each movie, claims the CTFFIND and
 picking work that became owed, submits both arrays at once and defers again (on CTFFIND first,
-then picking, which has usually ended by then); then it refreshes each
+then picking, which has usually ended by then). Each time it resumes (an array ended, or every
+``processing.wake_seconds`` while one runs) it also takes the MotionCor2 work owed since (a
+later batch), so that work starts without waiting for a run slot; it follows the earliest
+submitted array first. When nothing is pending it refreshes each
 touched session's STAR files (``micrographs_ctf_all.star``: every movie with a CTF;
 ``micrographs_ctf.star``: those curation accepted, see ``cryoflow.processing.curation``),
 evaluates the
@@ -197,7 +200,10 @@ class ProcessOwedOperator(BaseOperator):
 
     def _job_dir(self, context: Context, jobs: ArrayJobs, stage: str) -> str:
         ti = context["ti"]
-        parts = [_safe(ti.dag_id), _safe(ti.run_id), f"{stage}-try{ti.try_number}"]
+        # A run submits a step more than once (it takes new work as it comes): the time keeps
+        # each array's folder its own.
+        when = datetime.now(UTC).strftime("%H%M%S%f")
+        parts = [_safe(ti.dag_id), _safe(ti.run_id), f"{stage}-try{ti.try_number}-{when}"]
         return "/".join([jobs.job_root(), *parts])
 
     def _submit(self, context: Context, stage: str, work: list[Work]) -> None:
@@ -288,34 +294,64 @@ class ProcessOwedOperator(BaseOperator):
         return next((w.relpath for w in work if w.file_id == file_id), str(file_id))
 
     def _my_jobs(self, context: Context) -> list[tuple[str, SubmittedJob, list[Work]]]:
-        """This try's submitted, unsettled jobs, from the ledger: CTF before picking."""
+        """This try's submitted, unsettled jobs, from the ledger: the earliest claimed first
+        (of one claim, CTF before picking)."""
         jobs: dict[str, tuple[str, str, list[Work]]] = {}
+        claimed: dict[str, datetime] = {}
         for st, f in self.ledger.claimed(self.microscope_id, claimer=self._claimer(context)):
             if st.job_id is not None:
                 jobs.setdefault(st.job_id, (st.stage, st.job_dir or "", []))[2].append(
                     Work.of(st, f)
                 )
+                at = st.claimed_at.replace(tzinfo=st.claimed_at.tzinfo or UTC)
+                claimed[st.job_id] = min(claimed.get(st.job_id, at), at)
         order = {stage: i for i, stage in enumerate(STAGES)}
         found = [
             (stage, SubmittedJob(job_id, job_dir, len(work)), work)
             for job_id, (stage, job_dir, work) in jobs.items()
         ]
-        return sorted(found, key=lambda item: order[item[0]])
+        return sorted(found, key=lambda item: (claimed[item[1].job_id], order[item[0]]))
+
+    def _take_new_work(self, context: Context) -> bool:
+        """Claim and submit MotionCor2 work that became owed since this run started (a later
+        batch): it starts at this run's next look instead of waiting for a run of its own.
+        Not after ``processing.takes_new_work_minutes``: the run then ends with its jobs."""
+        cfg = self.site.facility.processing
+        started = context["dag_run"].start_date
+        if started is not None:
+            started = started.replace(tzinfo=started.tzinfo or UTC)
+            if datetime.now(UTC) - started > timedelta(minutes=cfg.takes_new_work_minutes):
+                return False
+        work = self._claim(context, "motioncor")
+        if work:
+            self.log.info("Taking %d newly owed movie(s) for motioncor", len(work))
+            self._submit(context, "motioncor", work)
+        return bool(work)
 
     def _wait(self, context: Context) -> dict[str, Any]:
-        """Follow the next submitted array; resume in :meth:`step_done`."""
+        """Record every array that has ended; follow the earliest one still going, waking at
+        least every ``processing.wake_seconds`` to take new work; resume in
+        :meth:`step_done`. Ends the run when nothing is pending and nothing new is owed."""
         pending = self._my_jobs(context)
         if not pending:
+            if self._take_new_work(context):
+                return self._wait(context)
             return self._finish(context)
-        stage, job, work = pending[0]
-        jobs = self.jobs(stage)
-        statuses = jobs.poll_once(job)
-        if statuses and all(s.terminal for s in statuses):
-            return self._resume(context, stage, job, work, statuses, "done", "")
-        self.defer(trigger=jobs.trigger(job), method_name="step_done")
+        for stage, job, work in pending:
+            statuses = self.jobs(stage).poll_once(job)
+            if statuses and all(s.terminal for s in statuses):
+                return self._resume(context, stage, job, work, statuses, "done", "")
+        stage, job, _ = pending[0]
+        wake = self.site.facility.processing.wake_seconds
+        self.defer(
+            trigger=self.jobs(stage).trigger(job, wake_after_s=wake), method_name="step_done"
+        )
         raise AssertionError("defer() returned")  # pragma: no cover
 
     def step_done(self, context: Context, event: dict[str, Any] | None = None) -> dict[str, Any]:
+        if isinstance(event, dict) and event.get("status") == "wake":
+            self._take_new_work(context)
+            return self._wait(context)
         job, statuses = statuses_from_event(event, "processing")
         assert event is not None
         rows = self.ledger.claimed(
@@ -347,6 +383,7 @@ class ProcessOwedOperator(BaseOperator):
             self._claim_downstream(context)
         if stage in ("ctf", "picking"):
             self._write_star()
+        self._take_new_work(context)
         return self._wait(context)
 
     def _run(self, context: Context) -> dict[str, Any]:

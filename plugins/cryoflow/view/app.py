@@ -351,14 +351,14 @@ def _run_of(claimed_by: str | None) -> tuple[str, str, int] | None:
 
 def _job_dir_run(job_dir: str | None) -> tuple[str, str, int] | None:
     """The (safe) dag id, run id and try a job folder was named after:
-    ``<job root>/<dag_id>/<run_id>/<stage>-try<n>`` (operators/process_owed.py)."""
+    ``<job root>/<dag_id>/<run_id>/<stage>-try<n>[-<when>]`` (operators/process_owed.py)."""
     if not job_dir:
         return None
     parts = job_dir.rstrip("/").split("/")
     if len(parts) < 3 or "-try" not in parts[-1]:
         return None
     try:
-        return parts[-3], parts[-2], int(parts[-1].rsplit("-try", 1)[1])
+        return parts[-3], parts[-2], int(parts[-1].rsplit("-try", 1)[1].split("-")[0])
     except ValueError:
         return None
 
