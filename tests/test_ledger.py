@@ -179,6 +179,24 @@ def test_a_verified_movie_owes_its_steps_until_they_are_done(ledger: Ledger) -> 
     assert {st.attempts for st, _ in again} == {1, 2}  # released: that try did not count
 
 
+def test_a_retried_run_adopts_its_earlier_trys_running_job(ledger: Ledger) -> None:
+    """Airflow retries a run whose try died while its job still runs: the new try takes over
+    those claims (and follows the job); claims of another run stay where they are."""
+    sid = _open(ledger)
+    _verified_movies(ledger, sid, 3)
+    mine = ledger.claim("krios1", "motioncor", "run-a#1", limit=2, max_attempts=3)
+    other = ledger.claim("krios1", "motioncor", "run-b#1", limit=2, max_attempts=3)
+    ledger.set_job([st.id for st, _ in mine], "77", "/jobs/77")
+    ids = [st.id for st, _ in mine + other]
+    assert ledger.adopt(ids, "run-a#2", was="run-a#1") == 2
+    assert len(ledger.claimed("krios1", claimer="run-a#2")) == 2
+    assert ledger.claimed("krios1", claimer="run-a#1") == []
+    assert [f.id for _, f in ledger.claimed("krios1", claimer="run-b#1")] == [
+        f.id for _, f in other
+    ]
+    assert {st.job_id for st, _ in ledger.claimed("krios1", claimer="run-a#2")} == {"77"}
+
+
 def test_two_runs_claiming_at_once_never_share_a_movie(ledger: Ledger) -> None:
     import threading
 

@@ -769,6 +769,22 @@ class Ledger:
                     .values(job_id=job_id, job_dir=job_dir, array_index=index)
                 )
 
+    def adopt(self, stage_ids: list[int], claimer: str, was: str) -> int:
+        """Hand still-running claims of ``was`` (an earlier try of the same run) to
+        ``claimer``, which follows their job from now on; rows claimed by anyone else meanwhile
+        are left alone. Returns how many changed hands."""
+        with self._tx() as s:
+            result = s.execute(
+                update(StageRow)
+                .where(
+                    StageRow.id.in_(stage_ids),
+                    StageRow.state == StageState.SUBMITTED,
+                    StageRow.claimed_by == was,
+                )
+                .values(claimed_by=claimer)
+            )
+            return int(result.rowcount or 0)
+
     def claimed(
         self,
         microscope: str,

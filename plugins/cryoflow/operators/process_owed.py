@@ -169,6 +169,17 @@ class ProcessOwedOperator(BaseOperator):
                 continue
             mine_rows = [(st, f) for st, f in rows if st.array_index is not None]
             if not all(statuses[st.array_index].terminal for st, _ in mine_rows):
+                earlier_try = {st.claimed_by for st, _ in mine_rows if
+                               (st.claimed_by or "").startswith(run_prefix)}  # fmt: skip
+                if earlier_try:  # this run's own job, from a try that died: follow it on
+                    for was in sorted(earlier_try):
+                        ids = [st.id for st, _ in mine_rows if st.claimed_by == was]
+                        n = self.ledger.adopt(ids, mine, was)
+                        self.log.info(
+                            "%s job %s of try %s still runs: this try follows its %d movie(s)",
+                            stage, job_id, was, n,
+                        )  # fmt: skip
+                    continue
                 self.log.info(
                     "%s job %s of an earlier run still runs: its %d movie(s) stay with it",
                     stage, job_id, len(mine_rows),
