@@ -65,7 +65,9 @@ def processing_dag(scope: MicroscopeConfig) -> DAG:
         start_date=START,
         catchup=False,
         is_paused_upon_creation=False,  # runs only when ingest copied something
-        max_active_runs=2,  # a new batch starts while the last one's jobs finish
+        # One run at a time: it takes each new batch's movies itself (on every resume, and
+        # while lingering), so later batches' asset events only queue behind it.
+        max_active_runs=1,
         tags=["processing", scope.id],
         default_args={"retries": 2, "retry_delay": timedelta(seconds=20)},
     ) as dag:

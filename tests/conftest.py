@@ -29,6 +29,9 @@ os.environ.update(
         "AIRFLOW__API__SECRET_KEY": "cryoflow-tests-only",
         "AIRFLOW__LOGGING__LOGGING_LEVEL": "INFO",
         "CRYOFLOW_CONFIG_DIR": str(ROOT / "config"),
+        # processing runs end when done (dag.test() waits for them); tests/triggers checks
+        # the lingering trigger itself
+        "CRYOFLOW_PROCESS_LINGER_SECONDS": "0",
     }
 )
 

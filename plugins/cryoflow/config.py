@@ -185,6 +185,13 @@ class ProcessingConfig(_Model):
         description="A run following a job looks for newly owed movies at least this often "
         "(it also looks each time a job ends).",
     )
+    linger_seconds: float = Field(
+        0.0,
+        ge=0,
+        description="A run with nothing left to follow waits this long for newly owed movies "
+        "before it ends (one run takes a session's batches one after the other: fewer task "
+        "instances); 0: it ends at once.",
+    )
     takes_new_work_minutes: float = Field(
         30.0,
         gt=0,

@@ -818,6 +818,19 @@ class Ledger:
                 row.state, row.claimed_by, row.error = StageState.PENDING, None, note[:2000]
                 row.attempts = max(0, (row.attempts or 1) - 1)
 
+    def has_owed(self, microscope: str, stage: str, max_attempts: int) -> bool:
+        """Whether :meth:`claim` would find work of ``stage`` now (one indexed lookup)."""
+        owed = StageRow.state.in_((StageState.PENDING, StageState.FAILED)) & or_(
+            StageRow.state == StageState.PENDING, StageRow.attempts < max_attempts
+        )
+        with self._tx() as s:
+            found = s.scalar(
+                select(StageRow.id)
+                .where(StageRow.microscope == microscope, StageRow.stage == stage, owed)
+                .limit(1)
+            )
+        return found is not None
+
     def owed_count(self, session_id: int, max_attempts: int) -> int:
         """Stage rows of the session still to be done (pending, claimed, failed with tries left)."""
         with self._tx() as s:

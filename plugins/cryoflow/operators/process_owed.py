@@ -327,17 +327,29 @@ class ProcessOwedOperator(BaseOperator):
         """Claim and submit MotionCor2 work that became owed since this run started (a later
         batch): it starts at this run's next look instead of waiting for a run of its own.
         Not after ``processing.takes_new_work_minutes``: the run then ends with its jobs."""
-        cfg = self.site.facility.processing
-        started = context["dag_run"].start_date
-        if started is not None:
-            started = started.replace(tzinfo=started.tzinfo or UTC)
-            if datetime.now(UTC) - started > timedelta(minutes=cfg.takes_new_work_minutes):
-                return False
+        if not self._may_take_new_work(context):
+            return False
         work = self._claim(context, "motioncor")
         if work:
             self.log.info("Taking %d newly owed movie(s) for motioncor", len(work))
             self._submit(context, "motioncor", work)
         return bool(work)
+
+    def _may_take_new_work(self, context: Context) -> bool:
+        started = context["dag_run"].start_date
+        if started is None:
+            return True
+        started = started.replace(tzinfo=started.tzinfo or UTC)
+        limit = timedelta(minutes=self.site.facility.processing.takes_new_work_minutes)
+        return datetime.now(UTC) - started <= limit
+
+    def work_owed(self, context: Context, event: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Back from lingering: take what became owed, or end the run."""
+        if isinstance(event, dict) and event.get("status") == "owed" and self._take_new_work(
+            context
+        ):
+            return self._wait(context)
+        return self._finish(context)
 
     def _wait(self, context: Context) -> dict[str, Any]:
         """Record every array that has ended; follow the earliest one still going, waking at
@@ -347,6 +359,19 @@ class ProcessOwedOperator(BaseOperator):
         if not pending:
             if self._take_new_work(context):
                 return self._wait(context)
+            cfg = self.site.facility.processing
+            if cfg.linger_seconds > 0 and self._may_take_new_work(context):
+                from cryoflow.triggers.owed_work import OwedWorkTrigger
+
+                self.defer(
+                    trigger=OwedWorkTrigger(
+                        ledger_url=self.site.facility.storage.ledger_url,
+                        microscope=self.microscope_id,
+                        max_attempts=cfg.max_attempts,
+                        timeout_s=cfg.linger_seconds,
+                    ),
+                    method_name="work_owed",
+                )
             return self._finish(context)
         for stage, job, work in pending:
             statuses = self.jobs(stage).poll_once(job)
@@ -394,6 +419,7 @@ class ProcessOwedOperator(BaseOperator):
             self._claim_downstream(context)
         if stage in ("ctf", "picking"):
             self._write_star()
+            self._alerts(context)  # a run may last a whole session: alerts cannot wait its end
         self._take_new_work(context)
         return self._wait(context)
 
