@@ -185,6 +185,13 @@ class ProcessingConfig(_Model):
         description="A run following a job looks for newly owed movies at least this often "
         "(it also looks each time a job ends).",
     )
+    hold_worker_seconds: float = Field(
+        10.0,
+        ge=0,
+        le=60,
+        description="Before deferring, a run follows its arrays from the worker this long "
+        "(short arrays end without a deferral and its restart).",
+    )
     linger_seconds: float = Field(
         0.0,
         ge=0,

@@ -19,6 +19,7 @@ others again.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -39,6 +40,8 @@ from cryoflow.session import SessionHandle, SessionParams, write_summary
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
+
+HOLD_POLL_SECONDS = 2.0
 
 #: ledger stage -> facility.software key
 SOFTWARE = {"motioncor": "motioncor2", "ctf": "ctffind", "picking": "dogpicker"}
@@ -156,7 +159,7 @@ class ProcessOwedOperator(BaseOperator):
                 continue
             claimed = st.claimed_at.replace(tzinfo=st.claimed_at.tzinfo or UTC)
             if not (st.claimed_by or "").startswith(run_prefix) and now - claimed <= grace:
-                continue  # most likely a live run (max_active_runs > 1) that will record it
+                continue  # maybe a live run (one started by hand beside this one): it records it
             if st.job_id is None:
                 self.ledger.release_stage(st.id, f"claimed by {st.claimed_by}, never submitted")
                 continue
@@ -373,10 +376,18 @@ class ProcessOwedOperator(BaseOperator):
                     method_name="work_owed",
                 )
             return self._finish(context)
-        for stage, job, work in pending:
-            statuses = self.jobs(stage).poll_once(job)
-            if statuses and all(s.terminal for s in statuses):
-                return self._resume(context, stage, job, work, statuses, "done", "")
+        # Short arrays end within seconds: follow them here for a few seconds before deferring.
+        # A deferral costs a task restart (seconds on a busy node), and Airflow 3.3.2 can fail
+        # a task whose trigger fires while its deferring workload is still exiting.
+        hold_until = time.monotonic() + self.site.facility.processing.hold_worker_seconds
+        while True:
+            for stage, job, work in pending:
+                statuses = self.jobs(stage).poll_once(job)
+                if statuses and all(s.terminal for s in statuses):
+                    return self._resume(context, stage, job, work, statuses, "done", "")
+            if time.monotonic() + HOLD_POLL_SECONDS > hold_until:
+                break
+            time.sleep(HOLD_POLL_SECONDS)
         stage, job, _ = pending[0]
         wake = self.site.facility.processing.wake_seconds
         self.defer(
