@@ -268,6 +268,14 @@ def _aware(when: datetime) -> datetime:
     return when if when.tzinfo else when.replace(tzinfo=UTC)
 
 
+
+def _owed(max_attempts: int) -> Any:
+    """Stage rows a run may claim: pending, or failed with attempts left. IN on the indexed
+    state first (done rows, the bulk, are never read), then attempts."""
+    return StageRow.state.in_((StageState.PENDING, StageState.FAILED)) & or_(
+        StageRow.state == StageState.PENDING, StageRow.attempts < max_attempts
+    )
+
 class Ledger:
     """Small, explicit operations on the ledger; each is one transaction."""
 
@@ -707,10 +715,7 @@ class Ledger:
         for ``claimer``; ``after`` requires that stage DONE first. One conditional UPDATE, so two
         runs never take the same movie (PostgreSQL re-checks the state under the row lock;
         SQLite serialises writers)."""
-        # IN on the indexed state first (done rows, the bulk, are never read), then attempts
-        owed = StageRow.state.in_((StageState.PENDING, StageState.FAILED)) & or_(
-            StageRow.state == StageState.PENDING, StageRow.attempts < max_attempts
-        )
+        owed = _owed(max_attempts)
         candidates = (
             select(StageRow.id)
             .where(StageRow.microscope == microscope, StageRow.stage == stage, owed)
@@ -820,13 +825,14 @@ class Ledger:
 
     def has_owed(self, microscope: str, stage: str, max_attempts: int) -> bool:
         """Whether :meth:`claim` would find work of ``stage`` now (one indexed lookup)."""
-        owed = StageRow.state.in_((StageState.PENDING, StageState.FAILED)) & or_(
-            StageRow.state == StageState.PENDING, StageRow.attempts < max_attempts
-        )
         with self._tx() as s:
             found = s.scalar(
                 select(StageRow.id)
-                .where(StageRow.microscope == microscope, StageRow.stage == stage, owed)
+                .where(
+                    StageRow.microscope == microscope,
+                    StageRow.stage == stage,
+                    _owed(max_attempts),
+                )
                 .limit(1)
             )
         return found is not None

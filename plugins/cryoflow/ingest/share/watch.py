@@ -141,13 +141,8 @@ class ShareWatch:
         s = self.settings
         if s.whole_settle_seconds is None or s.whole_settle_seconds >= s.settle_seconds:
             return False
-        try:
-            if self.source.held_for_writing(rel):
-                return False
-            verdict = self._completeness(rel, stat)
-        except HeldForWriting:
-            return False
-        if not verdict.complete:
+        verdict = self._verdict(rel, stat)
+        if verdict is None or not verdict.complete:
             return False
         if verdict.final:
             return True
@@ -159,14 +154,18 @@ class ShareWatch:
             and self._counts_frames(rel)
         )
 
+    def _verdict(self, rel: str, stat: FileStat) -> Completeness | None:
+        """The format's verdict, or None while its writer still has the file open."""
+        try:
+            held = self.source.held_for_writing(rel)
+            return None if held else self._completeness(rel, stat)
+        except HeldForWriting:
+            return None
+
     def _readiness(self, rel: str, stat: FileStat, now: float) -> tuple[str, str]:
         """("ready" | "held" | "abandoned", why) for a file quiet for the settle time."""
         s = self.settings
-        try:
-            held = self.source.held_for_writing(rel)
-            verdict = None if held else self._completeness(rel, stat)
-        except HeldForWriting:
-            verdict = None
+        verdict = self._verdict(rel, stat)
         if verdict is None:  # its writer still has it open: not finished, however quiet
             return "held", "open for writing on the share"
         quiet = self.tracker.unchanged_for(rel, now)
