@@ -125,8 +125,9 @@ def test_copying_goes_on_while_processing_jobs_are_held(
             assert ledger.find_session("krios2", session) is not None
         verified = {f.relpath for f in ledger.files(1, FileState.VERIFIED)}
         assert {m.name for m in movies} <= verified  # all copied while the queue was held
-        # The held run wakes (processing.wake_seconds) and takes the later batches' movies
-        # itself: they do not wait for a run slot; every array it submits is held too.
+        # The held run hears that the ledger owes more (its trigger looks beside the array) and
+        # takes the later batches' movies itself: they do not wait for a run slot; every array
+        # it submits is held too.
         deadline = time.monotonic() + 60
         while ledger.stage_counts(1)["motioncor"] != {"submitted": 5}:
             assert processing.poll() is None, output(processing)[-3000:]

@@ -179,12 +179,6 @@ class ProcessingConfig(_Model):
     claim_grace_seconds: float = Field(
         600.0, gt=0, description="A claim this old whose job ended was left by a dead run."
     )
-    wake_seconds: float = Field(
-        15.0,
-        gt=0,
-        description="A run following a job looks for newly owed movies at least this often "
-        "(it also looks each time a job ends).",
-    )
     hold_worker_seconds: float = Field(
         10.0,
         ge=0,

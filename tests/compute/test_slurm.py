@@ -20,6 +20,7 @@ from cryoflow.processing.compute.jobscript import (
     TaskStatus,
     build_array_script,
 )
+from cryoflow.triggers.first_event import FirstEventTrigger
 from cryoflow.triggers.slurm_job import SlurmJobTrigger
 from tests.services_fixtures import SERVICES_SH, SlurmServices
 
@@ -159,33 +160,39 @@ def test_trigger_yields_one_final_event_with_per_index_results(
     ]
 
 
-def test_trigger_wakes_its_task_while_the_job_still_runs(
+def test_a_run_following_several_arrays_hears_of_the_first_that_ends(
     hook: SlurmHook, slurm_services: SlurmServices, remote_job_root: str
 ) -> None:
-    """A processing run follows one array but must look for newly owed movies meanwhile: with
-    ``wake_after_s`` the trigger ends with a "wake" event (the job is left running), and a
-    trigger without it waits for the end."""
-    job = _submit(hook, remote_job_root, "wake", [["sleep", "20"]])
+    """A processing run has arrays in flight at once (CTF of one batch, MotionCor2 of the
+    next): the array that ends first is reported while the one followed first still runs,
+    and the others are left running (followed again by the next deferral)."""
+    long = _submit(hook, remote_job_root, "long", [["sleep", "30"]])
+    short = _submit(hook, remote_job_root, "short", [["true"], ["true"]])
     try:
+        first = FirstEventTrigger(
+            triggers=[_trigger(slurm_services, j).serialize() for j in (long, short)]
+        )
         t0 = time.monotonic()
-        events = asyncio.run(_events(_trigger(slurm_services, job, wake_after_s=1.5)))
-        assert time.monotonic() - t0 < 10
-        assert [e["status"] for e in events] == ["wake"]
-        assert events[0]["tasks"]["0"]["state"] in ("PENDING", "RUNNING")
-        assert not hook.poll([job])[job.job_id][0].terminal  # the job goes on
+        events = asyncio.run(_events(first))  # type: ignore[arg-type]
+        assert time.monotonic() - t0 < 20
+        assert [(e["status"], e["job_id"]) for e in events] == [("success", short.job_id)]
+        assert events[0]["tasks"] == {str(i): {"state": "COMPLETED", "exit_code": 0}
+                                      for i in range(2)}  # fmt: skip
+        assert not hook.poll([long])[long.job_id][0].terminal  # the other one goes on
     finally:
-        subprocess.run(["scancel", job.job_id], check=False)
+        subprocess.run(["scancel", long.job_id], check=False)
 
 
 def test_trigger_serialize_round_trips(slurm_services: SlurmServices) -> None:
     job = SubmittedJob("123", "/home/cryo/x", 4)
-    trigger = _trigger(
-        slurm_services, job, max_failures=7, lost_after_polls=3, wake_after_s=15.0
-    )
+    trigger = _trigger(slurm_services, job, max_failures=7, lost_after_polls=3)
     classpath, kwargs = trigger.serialize()
     module, _, name = classpath.rpartition(".")
     rebuilt = getattr(__import__(module, fromlist=[name]), name)(**kwargs)
     assert rebuilt.serialize() == (classpath, kwargs)
+    # a trigger stored by the release that still woke its task loads after an upgrade
+    stored = getattr(__import__(module, fromlist=[name]), name)(**kwargs, wake_after_s=15.0)
+    assert stored.serialize() == (classpath, kwargs)
 
 
 class _CountingTrigger(SlurmJobTrigger):

@@ -130,7 +130,7 @@ class ArrayJobs:
             self.log.warning("Status check of job %s failed: %s", job.job_id, exc)
             return []
 
-    def trigger(self, job: SubmittedJob, wake_after_s: float | None = None) -> SlurmJobTrigger:
+    def trigger(self, job: SubmittedJob) -> SlurmJobTrigger:
         from cryoflow.triggers.slurm_job import SlurmJobTrigger
 
         return SlurmJobTrigger(
@@ -139,7 +139,6 @@ class ArrayJobs:
             job_dir=job.job_dir,
             n_tasks=job.n_tasks,
             max_failures=self.trigger_max_failures,
-            wake_after_s=wake_after_s,
         )
 
     def job_root(self) -> str:

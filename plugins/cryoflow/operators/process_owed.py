@@ -4,10 +4,10 @@ A processing run is started by ingest (an asset event per copied batch) and neve
 It claims the owed MotionCor2 work of every session of its microscope in the ledger, submits it
 as one job array and defers; when the array ends it records each movie, claims the CTFFIND and
 picking work that became owed, submits both arrays at once and defers again (on CTFFIND first,
-then picking, which has usually ended by then). Each time it resumes (an array ended, or every
-``processing.wake_seconds`` while one runs) it also takes the MotionCor2 work owed since (a
-later batch), so that work starts without waiting for a run slot; it follows the earliest
-submitted array first. When nothing is pending it refreshes each
+then picking, which has usually ended by then). Deferred, it follows all its arrays at once and
+the ledger (:class:`~cryoflow.triggers.first_event.FirstEventTrigger`): it resumes when any array
+ends, or when MotionCor2 work became owed since (a later batch), which it takes at once instead
+of leaving it for a run slot. When nothing is pending it refreshes each
 touched session's STAR files (``micrographs_ctf_all.star``: every movie with a CTF;
 ``micrographs_ctf.star``: those curation accepted, see ``cryoflow.processing.curation``),
 evaluates the
@@ -354,27 +354,17 @@ class ProcessOwedOperator(BaseOperator):
             return self._wait(context)
         return self._finish(context)
 
-    def _wait(self, context: Context) -> dict[str, Any]:
-        """Record every array that has ended; follow the earliest one still going, waking at
-        least every ``processing.wake_seconds`` to take new work; resume in
-        :meth:`step_done`. Ends the run when nothing is pending and nothing new is owed."""
+    def _wait(self, context: Context, *, watch_owed: bool = True) -> dict[str, Any]:
+        """Record every array that has ended; follow the rest, and the ledger's newly owed
+        MotionCor2 work, until one of them needs the run (resume in :meth:`step_done`). Ends
+        the run when nothing is pending and nothing new is owed (after lingering)."""
         pending = self._my_jobs(context)
         if not pending:
             if self._take_new_work(context):
                 return self._wait(context)
             cfg = self.site.facility.processing
             if cfg.linger_seconds > 0 and self._may_take_new_work(context):
-                from cryoflow.triggers.owed_work import OwedWorkTrigger
-
-                self.defer(
-                    trigger=OwedWorkTrigger(
-                        ledger_url=self.site.facility.storage.ledger_url,
-                        microscope=self.microscope_id,
-                        max_attempts=cfg.max_attempts,
-                        timeout_s=cfg.linger_seconds,
-                    ),
-                    method_name="work_owed",
-                )
+                self.defer(trigger=self._owed_trigger(cfg.linger_seconds), method_name="work_owed")
             return self._finish(context)
         # Short arrays end within seconds: follow them here for a few seconds before deferring.
         # A deferral costs a task restart (seconds on a busy node), and Airflow 3.3.2 can fail
@@ -385,19 +375,47 @@ class ProcessOwedOperator(BaseOperator):
                 statuses = self.jobs(stage).poll_once(job)
                 if statuses and all(s.terminal for s in statuses):
                     return self._resume(context, stage, job, work, statuses, "done", "")
+            if watch_owed and self._owed_now(context) and self._take_new_work(context):
+                pending = self._my_jobs(context)
             if time.monotonic() + HOLD_POLL_SECONDS > hold_until:
                 break
             time.sleep(HOLD_POLL_SECONDS)
-        stage, job, _ = pending[0]
-        wake = self.site.facility.processing.wake_seconds
-        self.defer(
-            trigger=self.jobs(stage).trigger(job, wake_after_s=wake), method_name="step_done"
-        )
+        followed = [self.jobs(stage).trigger(job).serialize() for stage, job, _ in pending]
+        if watch_owed and self._may_take_new_work(context):
+            started = context["dag_run"].start_date or datetime.now(UTC)
+            limit = timedelta(minutes=self.site.facility.processing.takes_new_work_minutes)
+            left = started.replace(tzinfo=started.tzinfo or UTC) + limit - datetime.now(UTC)
+            followed.append(self._owed_trigger(max(1.0, left.total_seconds())).serialize())
+        from cryoflow.triggers.first_event import FirstEventTrigger
+
+        self.defer(trigger=FirstEventTrigger(triggers=followed), method_name="step_done")
         raise AssertionError("defer() returned")  # pragma: no cover
 
+    def _owed_trigger(self, timeout_s: float) -> Any:
+        from cryoflow.triggers.owed_work import OwedWorkTrigger
+
+        cfg = self.site.facility.processing
+        return OwedWorkTrigger(
+            ledger_url=self.site.facility.storage.ledger_url,
+            microscope=self.microscope_id,
+            max_attempts=cfg.max_attempts,
+            timeout_s=timeout_s,
+        )
+
+    def _owed_now(self, context: Context) -> bool:
+        cfg = self.site.facility.processing
+        return self._may_take_new_work(context) and self.ledger.has_owed(
+            self.microscope_id, "motioncor", cfg.max_attempts
+        )
+
     def step_done(self, context: Context, event: dict[str, Any] | None = None) -> dict[str, Any]:
-        if isinstance(event, dict) and event.get("status") == "wake":
-            self._take_new_work(context)
+        status = event.get("status") if isinstance(event, dict) else None
+        if status in ("owed", "idle"):  # new work owed, or the time for taking it is over
+            if status == "owed" and not self._take_new_work(context):
+                # owed, yet not claimable by this run: follow the arrays alone this time, not
+                # resume again at once
+                self.log.warning("MotionCor2 work is owed but none could be claimed")
+                return self._wait(context, watch_owed=False)
             return self._wait(context)
         job, statuses = statuses_from_event(event, "processing")
         assert event is not None

@@ -45,8 +45,7 @@ class SlurmJobTrigger(BaseTrigger):
     """Poll one job array (Slurm over SSH, or local) and fire ONE final event.
 
     Event payload (fixed keys, JSON): ``status`` ("success": every task COMPLETED with exit 0;
-    "failed": all tasks ended, at least one did not succeed; "error": the trigger gave up;
-    "wake": ``wake_after_s`` passed with the job still going),
+    "failed": all tasks ended, at least one did not succeed; "error": the trigger gave up),
     ``job_id``, ``job_dir``, ``n_tasks``, ``backend`` ("slurm"|"local"), ``tasks``
     ({"<index>": {"state", "exit_code"}}; the last known states on "error"), ``message``.
 
@@ -58,9 +57,8 @@ class SlurmJobTrigger(BaseTrigger):
     :param lost_after_polls: polls in a row in which unfinished tasks are seen nowhere (not
         queued, no accounting record, no exit file) before they are declared LOST.
     :param missing_polls: progress so far towards ``lost_after_polls`` (kept on re-serialize).
-    :param wake_after_s: fire a "wake" event (job not ended yet; ``tasks`` the last states) after
-        this long, so the deferred task can take newly owed work and defer again; None: only
-        the final event.
+    :param wake_after_s: ignored; accepted so that a trigger stored by an earlier release (which
+        woke its task periodically) still loads after an upgrade and fires its final event.
     """
 
     def __init__(
@@ -91,7 +89,6 @@ class SlurmJobTrigger(BaseTrigger):
         self.backoff_max_s = backoff_max_s
         self.lost_after_polls = lost_after_polls
         self.missing_polls = missing_polls
-        self.wake_after_s = wake_after_s
         self._settings = parse_backend(backend, where="trigger backend")
         self._job = SubmittedJob(job_id, job_dir, n_tasks)
 
@@ -110,7 +107,6 @@ class SlurmJobTrigger(BaseTrigger):
                 "backoff_max_s": self.backoff_max_s,
                 "lost_after_polls": self.lost_after_polls,
                 "missing_polls": self.missing_polls,
-                "wake_after_s": self.wake_after_s,
             },
         )
 
@@ -175,8 +171,6 @@ class SlurmJobTrigger(BaseTrigger):
         connected = False
         failures = 0  # consecutive, since the last *complete* poll
         last: list[TaskStatus] | None = None
-        loop = asyncio.get_running_loop()
-        wake_at = None if self.wake_after_s is None else loop.time() + self.wake_after_s
         try:
             while True:
                 try:
@@ -216,9 +210,6 @@ class SlurmJobTrigger(BaseTrigger):
                     yield self._event(
                         "success" if ok else "failed", statuses, f"job {self.job_id} ended"
                     )
-                    return
-                if wake_at is not None and loop.time() + interval > wake_at:
-                    yield self._event("wake", statuses, f"job {self.job_id} still runs")
                     return
                 await asyncio.sleep(interval)
         except Exception as exc:  # anything unexpected still ends with the one final event
