@@ -19,6 +19,9 @@ fi
 "$UV" pip install --quiet --python "$PREFIX/bin/python" -c "$REPO/requirements.lock" \
   numpy scipy mrcfile tifffile imagecodecs starfile pandas pillow pydantic
 "$UV" pip install --quiet --python "$PREFIX/bin/python" --no-deps --reinstall-package cryoem-acquisition-pipeline "$REPO"
+# .pyc for every module: uv installs none, and a node with PYTHONDONTWRITEBYTECODE set would
+# compile numpy and scipy again for each task (the engines' start time)
+"$PREFIX/bin/python" -m compileall -q -j0 "$PREFIX/lib" >/dev/null
 chmod -R a+rX "$PREFIX"
 echo "$want" > "$PREFIX/.cryoflow-engines"
 echo "engines installed in $PREFIX/bin: $(cd "$PREFIX/bin" && ls cryoflow-* | tr '\n' ' ')"
