@@ -228,7 +228,11 @@ def test_view_api_refuses_a_request_without_a_token(airflow: LiveAirflow) -> Non
     bad = httpx.get(url, headers={"Authorization": "Bearer not-a-token"}, timeout=30)
     assert bad.status_code in (401, 403), bad.text
     with airflow.api() as api:
-        signed_in = httpx.get(url, headers={"Authorization": api.headers["Authorization"]})
+        # the same 30 s as above: on a busy 2-core runner the first signed-in call (the
+        # view's first ledger query in this API server) once took longer than httpx's 5 s
+        signed_in = httpx.get(
+            url, headers={"Authorization": api.headers["Authorization"]}, timeout=30
+        )
     assert signed_in.status_code == 200, signed_in.text
     assert MICROSCOPE in [m["id"] for m in signed_in.json()["microscopes"]]
 
