@@ -353,12 +353,14 @@ class ProcessOwedOperator(BaseOperator):
         return bool(work)
 
     def _may_take_new_work(self, context: Context) -> bool:
-        started = context["dag_run"].start_date
-        if started is None:
-            return True
-        started = started.replace(tzinfo=started.tzinfo or UTC)
+        return self._new_work_seconds_left(context) >= 0
+
+    def _new_work_seconds_left(self, context: Context) -> float:
+        """Until ``processing.takes_new_work_minutes`` after the run started (negative after)."""
+        started = context["dag_run"].start_date or datetime.now(UTC)
         limit = timedelta(minutes=self.site.facility.processing.takes_new_work_minutes)
-        return datetime.now(UTC) - started <= limit
+        left = started.replace(tzinfo=started.tzinfo or UTC) + limit - datetime.now(UTC)
+        return left.total_seconds()
 
     def work_owed(self, context: Context, event: dict[str, Any] | None = None) -> dict[str, Any]:
         """Back from lingering: take what became owed, or end the run."""
@@ -398,10 +400,8 @@ class ProcessOwedOperator(BaseOperator):
             time.sleep(HOLD_POLL_SECONDS)
         followed = [self.jobs(stage).trigger(job).serialize() for stage, job, _ in pending]
         if watch_owed and self._may_take_new_work(context):
-            started = context["dag_run"].start_date or datetime.now(UTC)
-            limit = timedelta(minutes=self.site.facility.processing.takes_new_work_minutes)
-            left = started.replace(tzinfo=started.tzinfo or UTC) + limit - datetime.now(UTC)
-            followed.append(self._owed_trigger(max(1.0, left.total_seconds())).serialize())
+            left = self._new_work_seconds_left(context)
+            followed.append(self._owed_trigger(max(1.0, left)).serialize())
         from cryoflow.triggers.first_event import FirstEventTrigger
 
         self.defer(trigger=FirstEventTrigger(triggers=followed), method_name="step_done")
