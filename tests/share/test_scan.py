@@ -190,20 +190,29 @@ def test_scan_prunes_exactly_what_is_ignored_at_any_depth(tmp_path: Path) -> Non
             continue
         created.add(rel)
     created = {rel for rel in created if (tmp_path / rel).is_file()}
-    exclude = ("keep1/*", "*2.TMP")
     parts = {rel: rel.split("/") for rel in created}
-    expected = {
-        rel
-        for rel in created
-        if not any(
-            _fnmatch_is_ignored("/".join(parts[rel][: i + 1]), exclude)
-            for i in range(len(parts[rel]))
-        )
-    }
-    assert 0 < len(expected) < len(created)
-    result = scan_tree(tmp_path, exclude)
-    assert set(result.files) == expected
-    assert not result.errors and not result.refused
+    # every shape the walk matches on the name alone (x, x*, *x, *x*) and those it must also
+    # match on the path (a /, ?, [), in either case
+    for exclude in [
+        ("keep1/*", "*2.TMP"),
+        ("B1", "a2*", "*eep0", "*OWNL*", "KEEP2"),
+        ("a0/*",),
+        ("*1/k*",),
+        ("?0/B*", "[ab]2/*"),
+        ("keep*",),
+    ]:
+        expected = {
+            rel
+            for rel in created
+            if not any(
+                _fnmatch_is_ignored("/".join(parts[rel][: i + 1]), exclude)
+                for i in range(len(parts[rel]))
+            )
+        }
+        assert len(expected) < len(created), exclude
+        result = scan_tree(tmp_path, exclude)
+        assert set(result.files) == expected, exclude
+        assert not result.errors and not result.refused
 
 
 def test_symlink_loops_and_links_to_folders(tmp_path: Path) -> None:
@@ -236,15 +245,19 @@ def test_unreadable_or_vanishing_entries_are_reported_not_fatal(
 ) -> None:
     for rel in ("ok.tif", "gone.tif", "locked/movie.tif"):
         _touch(tmp_path, rel)
-    real_scandir = os.scandir
+    real_open, real_scandir = os.open, os.scandir
 
-    def scandir(path: str) -> object:
+    def open_folder(path: str, flags: int, *args: object, **kwargs: object) -> int:
         if os.path.basename(path) == "locked":  # what a CIFS ACL does to root as well
             raise PermissionError(13, "Permission denied", path)
-        entries = list(real_scandir(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    def scandir(folder: int) -> object:
+        entries = list(real_scandir(folder))
         (tmp_path / "gone.tif").unlink(missing_ok=True)  # deleted between listing and stat
         return iter(entries)
 
+    monkeypatch.setattr(os, "open", open_folder)
     monkeypatch.setattr(os, "scandir", scandir)
     result = scan_tree(tmp_path)
     assert set(result.files) == {"ok.tif"}

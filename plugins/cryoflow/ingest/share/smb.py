@@ -362,7 +362,7 @@ class SmbSource:
         """As :func:`scan_tree`; links and other reparse points are never followed (refused).
         A subfolder that cannot be listed is reported in ``errors``; a share that went away
         raises :class:`ShareOffline` (never a partial listing)."""
-        ignored = _matcher(tuple(exclude))
+        ignored = _matcher(tuple(exclude)).in_walk
         result = ScanResult()
         stack = [""]
         while stack:
