@@ -869,6 +869,37 @@ class Ledger:
                 counts.setdefault(stage, {})[str(state)] = n
             return counts
 
+    def recent_movies_without(
+        self, session_ids: Iterable[int], stage: str, since: datetime
+    ) -> list[FileRow]:
+        """Verified movies of these sessions copied since ``since`` that have no ``stage`` row.
+
+        For what arrives after its movie (the mdoc a batch later): a range of the touched index
+        and one unique-index probe per movie, so the cost follows the window, not the session.
+        """
+        ids = list(session_ids)
+        if not ids:
+            return []
+        has_stage = (
+            select(StageRow.id)
+            .where(StageRow.file_id == FileRow.id, StageRow.stage == stage)
+            .exists()
+        )
+        with self._tx() as s:
+            return list(
+                s.scalars(
+                    select(FileRow)
+                    .where(
+                        FileRow.session_id.in_(ids),
+                        FileRow.copy_started_at >= since,
+                        FileRow.kind == "movie",
+                        FileRow.state == FileState.VERIFIED,
+                        ~has_stage,
+                    )
+                    .order_by(FileRow.id)
+                )
+            )
+
     def stages(self, file_ids: Iterable[int]) -> list[StageRow]:
         with self._tx() as s:
             return list(s.scalars(select(StageRow).where(StageRow.file_id.in_(list(file_ids)))))

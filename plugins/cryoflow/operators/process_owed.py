@@ -20,7 +20,7 @@ others again.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import cached_property
@@ -58,6 +58,8 @@ def _import_in_background() -> None:
 
 #: ledger stage -> facility.software key
 SOFTWARE = {"motioncor": "motioncor2", "ctf": "ctffind", "picking": "dogpicker"}
+# How long after its movie a metadata file (mdoc, EPU XML) is still looked for.
+METADATA_WINDOW = timedelta(minutes=30)
 
 
 @dataclass(frozen=True)
@@ -280,12 +282,37 @@ class ProcessOwedOperator(BaseOperator):
         """The mdoc/XML of a movie may land a batch after the movie: record it now."""
         have = {st.file_id for st in self.ledger.stages(w.file_id for w in work)
                 if st.stage == "acquisition"}  # fmt: skip
+        self._read_metadata(
+            (w.session_id, m) for w, m in zip(work, movies, strict=True) if w.file_id not in have
+        )
+
+    def _read_metadata(self, movies: Iterable[tuple[int, batch.MoviePaths]]) -> None:
         layout = self.site.microscopes[self.microscope_id].layout
-        for w, m in zip(work, movies, strict=True):
-            if w.file_id not in have:
-                handle, p = self.session(w.session_id)
-                for warning in batch.record_acquisition(self.ledger, handle, [m], layout, p):
-                    self.log.warning("%s", warning)
+        for session_id, m in movies:
+            handle, p = self.session(session_id)
+            for warning in batch.record_acquisition(self.ledger, handle, [m], layout, p):
+                self.log.warning("%s", warning)
+
+    def _catch_up_metadata(self) -> None:
+        """Read the metadata of recent movies that had none when they were processed.
+
+        SerialEM writes a movie's .mdoc after the movie, and it needs its own settle and copy:
+        it often lands a batch later, after the movie's MotionCor2 and CTF were submitted. The
+        sessions still open or still to be summarized are looked at, for movies copied within
+        ``METADATA_WINDOW``; each run looks again until the file is there.
+        """
+        ids = (
+            set(self.ledger.running_sessions(self.microscope_id))
+            | {row.id for row in self.ledger.sessions_to_summarize(self.microscope_id)}
+            | self._touched
+        )
+        since = datetime.now(UTC) - METADATA_WINDOW
+        late = self.ledger.recent_movies_without(sorted(ids), "acquisition", since)
+        self._read_metadata(
+            (f.session_id, batch.movie_paths(self.session(f.session_id)[0], f.id, f.relpath,
+                                             f.dest_path or ""))
+            for f in late
+        )  # fmt: skip
 
     def _record(
         self, stage: str, work: list[Work], states: dict[str, dict[str, Any]], job: dict
@@ -465,6 +492,7 @@ class ProcessOwedOperator(BaseOperator):
         if stage == "motioncor":
             self._claim_downstream(context)
         if stage in ("ctf", "picking"):
+            self._catch_up_metadata()
             self._write_star()
             self._alerts(context)  # a run may last a whole session: alerts cannot wait its end
         return self._wait(context)
@@ -524,6 +552,7 @@ class ProcessOwedOperator(BaseOperator):
     def _finish(self, context: Context) -> dict[str, Any]:
         """Refresh results of touched sessions; a closed session owing nothing gets its final
         summary (also when its owed work ended in an earlier run)."""
+        self._catch_up_metadata()
         self._write_star()
         self._alerts(context)
         max_attempts = self.site.facility.processing.max_attempts
