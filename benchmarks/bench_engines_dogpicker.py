@@ -19,7 +19,11 @@ Prints:
 Truth counts only particles in clean ice (aggregate members and particles on carbon do not
 count, see ``synthetic.SpecimenTruth``). Micrographs: 180 A projected spheres at 1.0 A/px, CTF
 at 1.5 um, 50 e/A^2; "particle contrast" is ``synthetic.particle_contrast`` (darkening at the
-particle centres over the pixel std of the micrograph).
+particle centres over the pixel std of the micrograph). The same contrast in the two other usual
+units, as fractions of the mean intensity, stands beside it: "dark %" (that darkening over the
+mean) and "std %" (the noise-free specimen's std over the mean, from the variance in excess of
+Poisson's). At 1 A/px and 50 e/px a pixel's shot noise is 14 % of the mean, so "low 2%" of the
+pixel std is a darkening of about 0.3 % of the mean.
 
 scikit-image is needed for the comparison only (the ``bench`` extra); the product does not import
 it. Run: ``.venv/bin/python benchmarks/bench_engines_dogpicker.py`` (``--quick``: 2048x2048
@@ -169,6 +173,16 @@ def best_blob_dog(image: np.ndarray, xy: np.ndarray) -> tuple[MatchResult, float
     return m, t, seconds
 
 
+def fractions_of_mean(image: np.ndarray, truth: syn.SpecimenTruth) -> tuple[float, float]:
+    """The two usual ways to state contrast, as fractions of the mean intensity: the particles'
+    mean darkening at their centres, and the noise-free specimen's std (from the variance in
+    excess of Poisson's, which equals the mean in counts)."""
+    mean = float(image.mean())
+    darkening = syn.particle_contrast(image, truth) * float(image.std()) / mean
+    specimen_std = math.sqrt(max(float(image.var()) - mean, 0.0)) / mean
+    return darkening, specimen_std
+
+
 def matched_filter_f1(image: np.ndarray, xy: np.ndarray) -> float:
     """F1 of the exact CTF-filtered particle as a template, at its hindsight threshold."""
     size = int(2 ** math.ceil(math.log2(2.5 * DIAM_A / APIX)))
@@ -253,7 +267,8 @@ def main() -> int:
         f" A, {DOSE / APIX**2:.0f} e/A^2; {shape[1]}x{shape[0]} px, bin {SETTINGS.binning()}\n"
     )
     header = (
-        f"{'category':<11}{'contrast':>9}{'picks/true':>11}   {'ours P R F1':<18}{'s':>6}"
+        f"{'category':<11}{'contrast':>9}{'dark %':>7}{'std %':>6}{'picks/true':>11}   "
+        f"{'ours P R F1':<18}{'s':>6}"
         f"   {'blob_dog P R F1':<18}{'thr':>5}{'s':>6}{'matched F1':>11}"
     )
     print(header)
@@ -267,11 +282,13 @@ def main() -> int:
         wall, _ = timed(lambda image=image: pick(image, SETTINGS), repeats=1)
         theirs, thr, t_blob = best_blob_dog(image, xy)
         oracle = f"{matched_filter_f1(image, xy):11.3f}" if "low" in name else ""
+        darkening, specimen_std = fractions_of_mean(image, truth)
         if name not in ("low 2.5%", "low 2%"):
             ours_all.append(ours.f1)
             theirs_all.append(theirs.f1)
         print(
-            f"{name:<11}{syn.particle_contrast(image, truth):>9.3f}{len(picks):>5}/{len(xy):<5}"
+            f"{name:<11}{syn.particle_contrast(image, truth):>9.3f}"
+            f"{100 * darkening:>7.2f}{100 * specimen_std:>6.2f}{len(picks):>5}/{len(xy):<5}"
             f"   {fmt(ours):<18}{wall:>6.2f}   {fmt(theirs):<18}{thr:>5.2f}{t_blob:>6.2f}{oracle}",
             flush=True,
         )
