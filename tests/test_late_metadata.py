@@ -81,26 +81,54 @@ def test_an_mdoc_that_lands_after_its_movie_is_read_by_a_later_look(
 
 
 def test_only_recent_movies_of_the_microscopes_sessions_are_looked_at(
-    site: tuple[Ledger, int, Path],
+    site: tuple[Ledger, int, Path], capfd: pytest.CaptureFixture[str]
 ) -> None:
     ledger, sid, dest = site
     names = ["old_00001_Mar14_10.00.00.tif", "new_00002_Mar14_10.40.00.tif"]
     old, new = (_movie(ledger, sid, dest, name) for name in names)
     for name in names:
         shutil.copy(MDOC, dest / "raw" / f"{name}.mdoc")
+        # the mdoc's own verified row: a metadata file, never read as a movie
+        mdoc = ledger.begin_copy(sid, f"{name}.mdoc", kind="movie_metadata", size=1, mtime_ns=1,
+                                 batch="b").file_id  # fmt: skip
+        ledger.mark_verified(mdoc, checksum="c", dest_path=str(dest / "raw" / f"{name}.mdoc"),
+                             copy_seconds=0)  # fmt: skip
     with ledger._tx() as s:  # copied before the window: no longer looked at
-        s.get(FileRow, old).copy_started_at = datetime.now(UTC) - METADATA_WINDOW - timedelta(1)
+        row = s.get(FileRow, old)
+        row.copy_started_at = datetime.now(UTC) - METADATA_WINDOW - timedelta(days=1)
+    other_dest = dest.parent / "other"
+    (other_dest / "raw").mkdir(parents=True)
     other = ledger.open_session(
-        "krios1", "other", dest_root=str(dest), source_root="/share/other", params={}
-    )
-    _movie(ledger, other, dest, "other_00003_Mar14_10.41.00.tif")
+        "krios1", "other", dest_root=str(other_dest), source_root="/share/other",
+        params=PARAMS.model_dump(mode="json"),
+    )  # fmt: skip
+    theirs = _movie(ledger, other, other_dest, "other_00003_Mar14_10.41.00.tif")
+    shutil.copy(MDOC, other_dest / "raw" / "other_00003_Mar14_10.41.00.tif.mdoc")
 
     _operator(ledger)._catch_up_metadata()
     assert _acquisition(ledger, new) is not None
     assert _acquisition(ledger, old) is None
-    # another microscope's session is not this run's to look at
-    assert [f.relpath for f in ledger.recent_movies_without([other], "acquisition",
-            _an_hour_ago())] == ["other_00003_Mar14_10.41.00.tif"]  # fmt: skip
+    assert _acquisition(ledger, theirs) is None  # another microscope's: not this run's
+    assert "not read" not in "".join(capfd.readouterr())  # the mdoc rows were not taken for movies
+
+
+def test_a_movie_it_cannot_read_is_reported_and_the_others_are_read(
+    site: tuple[Ledger, int, Path], capfd: pytest.CaptureFixture[str]
+) -> None:
+    ledger, sid, dest = site
+    broken = ledger.open_session(
+        "krios2", "broken", dest_root=str(dest), source_root="/share/broken",
+        params={"pixel_size_A": -1},
+    )  # a session from an older release whose form no longer validates
+    _movie(ledger, broken, dest, "b_00001_Mar14_10.00.00.tif")
+    name = "apoF_g2_00007_Mar14_10.02.31.tif"
+    fid = _movie(ledger, sid, dest, name)
+    shutil.copy(MDOC, dest / "raw" / f"{name}.mdoc")
+
+    _operator(ledger)._catch_up_metadata()
+    assert _acquisition(ledger, fid) is not None
+    logged = "".join(capfd.readouterr())
+    assert "b_00001_Mar14_10.00.00.tif: acquisition metadata not read" in logged
 
 
 def _an_hour_ago() -> datetime:

@@ -199,6 +199,8 @@ def test_scan_prunes_exactly_what_is_ignored_at_any_depth(tmp_path: Path) -> Non
         ("a0/*",),
         ("*1/k*",),
         ("?0/B*", "[ab]2/*"),
+        ("a*1",),  # a * inside matches a / too
+        ("*0*B*",),
         ("keep*",),
     ]:
         expected = {
@@ -306,3 +308,21 @@ def test_restore_drops_malformed_entries() -> None:
     assert tracker.snapshot(now=10.0) == {"ok.tif": [1, 2, 0.5], "int_age.tif": [1, 2, 3]}
     assert StabilityTracker.restore(5.0, None, now=0.0).snapshot(now=0.0) == {}
     assert StabilityTracker.restore(5.0, [], now=0.0).snapshot(now=0.0) == {}  # type: ignore[arg-type]
+
+
+def test_names_that_lower_case_differently_in_context_are_matched_on_the_path(
+    tmp_path: Path,
+) -> None:
+    # "AΣ".lower() is "aς" (final sigma) while "*Σ*".lower() is "*σ*": only the path match sees it
+    _touch(tmp_path, "d/AΣ")
+    _touch(tmp_path, "d/keep")
+    assert is_ignored("d/AΣ", ["*Σ*"])
+    assert set(scan_tree(tmp_path, ("*Σ*",)).files) == {"d/keep"}
+
+
+def test_a_session_folder_that_is_a_link_is_listed(tmp_path: Path) -> None:
+    _touch(tmp_path, "disk2/session/Data/movie.tif")
+    (tmp_path / "share").mkdir()
+    (tmp_path / "share" / "session").symlink_to(tmp_path / "disk2" / "session")
+    result = scan_tree(tmp_path / "share" / "session")
+    assert set(result.files) == {"Data/movie.tif"} and not result.errors

@@ -131,3 +131,25 @@ def test_an_error_in_one_trigger_ends_the_wait_with_that_error(monkeypatch) -> N
                                         _Broken().serialize()])  # fmt: skip
     with pytest.raises(RuntimeError, match="schema is newer"):
         _events(first)
+
+
+def test_an_event_right_after_the_deferral_is_held_an_error_is_not(monkeypatch) -> None:
+    # Airflow 3.3.2 fails a task resumed before its deferring workload's exit was seen
+    import cryoflow.triggers.first_event as first_event
+
+    monkeypatch.setattr(first_event, "_OWN", __name__.rpartition(".")[0])
+    first = FirstEventTrigger(triggers=[_Stubborn(fire_after_s=0.0).serialize()],
+                              not_before_s=1.5)  # fmt: skip
+    t0 = time.monotonic()
+    assert _events(first) == [{"status": "fired"}]
+    assert time.monotonic() - t0 >= 1.5
+    late = FirstEventTrigger(triggers=[_Stubborn(fire_after_s=0.5).serialize()],
+                             not_before_s=0.2)  # fmt: skip
+    t0 = time.monotonic()
+    assert _events(late) == [{"status": "fired"}]
+    assert time.monotonic() - t0 < 1.2  # one that comes later is not delayed
+    broken = FirstEventTrigger(triggers=[_Broken().serialize()], not_before_s=30)
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError, match="schema is newer"):
+        _events(broken)
+    assert time.monotonic() - t0 < 5

@@ -42,6 +42,10 @@ if TYPE_CHECKING:
     from airflow.sdk import Context
 
 HOLD_POLL_SECONDS = 2.0
+#: A deferral's first event is held this long after its trigger starts (Airflow 3.3.2 fails a
+#: task resumed before its deferring workload's exit was seen; that exit takes 0.1-1 s here,
+#: several seconds on a loaded node).
+RESUME_NOT_BEFORE_SECONDS = 4.0
 
 
 def _import_in_background() -> None:
@@ -58,7 +62,7 @@ def _import_in_background() -> None:
 
 #: ledger stage -> facility.software key
 SOFTWARE = {"motioncor": "motioncor2", "ctf": "ctffind", "picking": "dogpicker"}
-# How long after its movie a metadata file (mdoc, EPU XML) is still looked for.
+#: How long after its movie a metadata file (mdoc, EPU XML) is still looked for.
 METADATA_WINDOW = timedelta(minutes=30)
 
 
@@ -287,6 +291,7 @@ class ProcessOwedOperator(BaseOperator):
         )
 
     def _read_metadata(self, movies: Iterable[tuple[int, batch.MoviePaths]]) -> None:
+        """Record the acquisition metadata of ``(session id, movie)`` pairs, where present."""
         layout = self.site.microscopes[self.microscope_id].layout
         for session_id, m in movies:
             handle, p = self.session(session_id)
@@ -307,12 +312,15 @@ class ProcessOwedOperator(BaseOperator):
             | self._touched
         )
         since = datetime.now(UTC) - METADATA_WINDOW
-        late = self.ledger.recent_movies_without(sorted(ids), "acquisition", since)
-        self._read_metadata(
-            (f.session_id, batch.movie_paths(self.session(f.session_id)[0], f.id, f.relpath,
-                                             f.dest_path or ""))
-            for f in late
-        )  # fmt: skip
+        for f in self.ledger.recent_movies_without(sorted(ids), "acquisition", since):
+            # Informational only (the view, the summary): a movie or session it cannot read
+            # is reported, never allowed to stop the run.
+            try:
+                handle, _ = self.session(f.session_id)
+                m = batch.movie_paths(handle, f.id, f.relpath, f.dest_path or "")
+                self._read_metadata([(f.session_id, m)])
+            except Exception as exc:  # noqa: BLE001
+                self.log.warning("%s: acquisition metadata not read: %s", f.relpath, exc)
 
     def _record(
         self, stage: str, work: list[Work], states: dict[str, dict[str, Any]], job: dict
@@ -408,7 +416,10 @@ class ProcessOwedOperator(BaseOperator):
                 return self._wait(context)
             cfg = self.site.facility.processing
             if cfg.linger_seconds > 0 and self._may_take_new_work(context):
-                self.defer(trigger=self._owed_trigger(cfg.linger_seconds), method_name="work_owed")
+                self.defer(
+                    trigger=self._first_of([self._owed_trigger(cfg.linger_seconds).serialize()]),
+                    method_name="work_owed",
+                )
             return self._finish(context)
         # Short arrays end within seconds: follow them here for a few seconds before deferring.
         # A deferral costs a task restart (seconds on a busy node), and Airflow 3.3.2 can fail
@@ -429,10 +440,16 @@ class ProcessOwedOperator(BaseOperator):
         if watch_owed and self._may_take_new_work(context):
             left = self._new_work_seconds_left(context)
             followed.append(self._owed_trigger(max(1.0, left)).serialize())
+        self.defer(trigger=self._first_of(followed), method_name="step_done")
+        raise AssertionError("defer() returned")  # pragma: no cover
+
+    @staticmethod
+    def _first_of(triggers: list[tuple[str, dict[str, Any]]]) -> Any:
+        """Every deferral of a run: its triggers together, none firing before this process
+        has had time to exit (see cryoflow.triggers.first_event)."""
         from cryoflow.triggers.first_event import FirstEventTrigger
 
-        self.defer(trigger=FirstEventTrigger(triggers=followed), method_name="step_done")
-        raise AssertionError("defer() returned")  # pragma: no cover
+        return FirstEventTrigger(triggers=triggers, not_before_s=RESUME_NOT_BEFORE_SECONDS)
 
     def _owed_trigger(self, timeout_s: float) -> Any:
         from cryoflow.triggers.owed_work import OwedWorkTrigger
@@ -492,9 +509,9 @@ class ProcessOwedOperator(BaseOperator):
         if stage == "motioncor":
             self._claim_downstream(context)
         if stage in ("ctf", "picking"):
-            self._catch_up_metadata()
             self._write_star()
             self._alerts(context)  # a run may last a whole session: alerts cannot wait its end
+            self._catch_up_metadata()
         return self._wait(context)
 
     def _run(self, context: Context) -> dict[str, Any]:
@@ -552,9 +569,9 @@ class ProcessOwedOperator(BaseOperator):
     def _finish(self, context: Context) -> dict[str, Any]:
         """Refresh results of touched sessions; a closed session owing nothing gets its final
         summary (also when its owed work ended in an earlier run)."""
-        self._catch_up_metadata()
         self._write_star()
         self._alerts(context)
+        self._catch_up_metadata()  # before the summaries, which count it
         max_attempts = self.site.facility.processing.max_attempts
         for row in self.ledger.sessions_to_summarize(self.microscope_id):
             if self.ledger.owed_count(row.id, max_attempts) == 0:

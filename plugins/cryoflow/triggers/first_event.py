@@ -6,6 +6,12 @@ Deferring on one of them leaves the others unseen until it ends: their results w
 trigger runs each of its triggers (a job array each, the ledger's owed work) side by side and
 passes on the first event any of them yields; the others are cancelled (their connections
 closed) and followed again by the next deferral.
+
+``not_before_s`` holds an event that comes sooner than that after the trigger started. Airflow
+3.3.2 fails a task that is resumed before the scheduler has seen the deferring workload end (that
+workload's "success" for the same try reads as "killed externally" once the resumed one is queued
+or running; the resumed try is then stopped by its heartbeat): a trigger must not fire within
+the second or two the deferring process takes to exit.
 """
 
 from __future__ import annotations
@@ -30,13 +36,18 @@ class FirstEventTrigger(BaseTrigger):
     that raises ends the wait with its error (the deferred task fails with it, as it would
     with that trigger alone).
     Killed by a user, it passes the kill on to each (a job trigger cancels its job).
+    An event sooner than ``not_before_s`` after the start is held until then (see the module
+    doc); an error is not.
     """
 
-    def __init__(self, *, triggers: list[tuple[str, dict[str, Any]]]) -> None:
+    def __init__(
+        self, *, triggers: list[tuple[str, dict[str, Any]]], not_before_s: float = 0.0
+    ) -> None:
         super().__init__()
         if not triggers:
             raise ValueError("FirstEventTrigger needs at least one trigger")
         self.triggers = [(str(path), dict(kwargs)) for path, kwargs in triggers]
+        self.not_before_s = float(not_before_s)
         for path, _ in self.triggers:
             if not path.startswith(_OWN):
                 raise ValueError(f"FirstEventTrigger runs cryoflow's triggers only, not {path}")
@@ -44,7 +55,10 @@ class FirstEventTrigger(BaseTrigger):
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return (
             f"{type(self).__module__}.{type(self).__qualname__}",
-            {"triggers": [[path, kwargs] for path, kwargs in self.triggers]},
+            {
+                "triggers": [[path, kwargs] for path, kwargs in self.triggers],
+                "not_before_s": self.not_before_s,
+            },
         )
 
     def _built(self) -> list[BaseTrigger]:
@@ -55,6 +69,8 @@ class FirstEventTrigger(BaseTrigger):
         return built
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
+        loop = asyncio.get_running_loop()
+        not_before = loop.time() + self.not_before_s
         # each pump puts its trigger's first event, or the error that ended it, then None
         events: asyncio.Queue[TriggerEvent | BaseException | None] = asyncio.Queue()
 
@@ -78,9 +94,11 @@ class FirstEventTrigger(BaseTrigger):
                 if isinstance(item, BaseException):
                     raise item
                 if item is not None:
+                    await asyncio.sleep(max(0.0, not_before - loop.time()))
                     yield item
                     return
                 running -= 1
+            await asyncio.sleep(max(0.0, not_before - loop.time()))
             yield TriggerEvent({"status": "idle"})
         finally:
             await _stop(tasks)

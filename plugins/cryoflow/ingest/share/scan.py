@@ -23,8 +23,9 @@ IGNORED_NAMES = frozenset({"$RECYCLE.BIN", "System Volume Information", "Thumbs.
 IGNORED_PATTERNS = ("*downloading*", "~$*", "*.tmp", "*.part", "*.partial")
 
 
-# A folder of the walk: never a symlink (those are checked and refused or skipped), not inherited.
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+# A folder below the share's root: a link found in the listing is checked and refused or skipped,
+# so one that takes a folder's place between listing and opening is not followed either.
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
 
 
 class UnsafePathError(ValueError):
@@ -142,12 +143,13 @@ class _Globs:
 def _needs_the_path(pattern: str) -> bool:
     """Whether a walk that prunes ignored folders must still match ``pattern`` on the path.
 
-    A pattern of the plain shapes (``x``, ``x*``, ``*x``, ``*x*``, ``x`` free of ``*?[`` and
-    ``/``) can only match a path where it matches the entry's own name or an ancestor's path: an
-    ancestor that matched was pruned, so on the name alone it decides the same. Patterns with a
-    ``/``, ``?`` or ``[`` (which also match ``/``) are matched on the path as well.
+    A pattern of the plain shapes (``x``, ``x*``, ``*x``, ``*x*`` with ``x`` free of ``*?[/``)
+    can only match a path where it matches the entry's own name or an ancestor's path: an
+    ancestor that matched was pruned, so on the name alone it decides the same. Any other
+    pattern (a ``/``, or a ``*``, ``?`` or ``[`` inside, which match ``/`` too) is matched on
+    the path as well.
     """
-    return any(c in pattern for c in "/?[")
+    return "/" in pattern or any(c in pattern.strip("*") for c in "*?[")
 
 
 @dataclass(frozen=True)
@@ -219,8 +221,8 @@ def scan_tree(root: Path, exclude: Iterable[str] = ()) -> ScanResult:
     stack: list[tuple[str, str]] = [(os.fspath(root), "")]
     while stack:
         directory, prefix = stack.pop()
-        try:
-            fd = os.open(directory, _DIR_FLAGS)
+        try:  # the session folder itself may be a link (to another disk, say)
+            fd = os.open(directory, _DIR_FLAGS if prefix else _DIR_FLAGS & ~os.O_NOFOLLOW)
         except OSError as exc:
             errors.append(f"{prefix.rstrip('/') or '.'}: {_why(exc)}")
             continue
