@@ -171,6 +171,11 @@ class _Matcher:
             return self(name, relpath)
         return self.name.match(name.lower()) or self.walk_path.match(relpath)
 
+    def skips(self, name: str, relpath: str) -> bool:
+        """What a pruning walk leaves out: hidden and system names (only the entry's own: its
+        ancestors passed), then :meth:`in_walk`."""
+        return name.startswith(".") or name in IGNORED_NAMES or self.in_walk(name, relpath)
+
 
 @functools.lru_cache(maxsize=32)
 def _matcher(extra_patterns: tuple[str, ...]) -> _Matcher:
@@ -213,7 +218,7 @@ def scan_tree(root: Path, exclude: Iterable[str] = ()) -> ScanResult:
     opened once and listed and stat'ed through its descriptor (``fstatat``), so the kernel does not
     walk the whole path again for every file, as ``find`` does.
     """
-    ignored = _matcher(tuple(exclude)).in_walk
+    skips = _matcher(tuple(exclude)).skips
     result = ScanResult()
     files, errors = result.files, result.errors
     real_root = os.fspath(root.resolve())
@@ -235,10 +240,8 @@ def scan_tree(root: Path, exclude: Iterable[str] = ()) -> ScanResult:
         try:
             for entry in entries:
                 name = entry.name
-                if name.startswith(".") or name in IGNORED_NAMES:
-                    continue
                 rel = prefix + name
-                if ignored(name, rel):
+                if skips(name, rel):
                     continue
                 try:
                     if entry.is_symlink():

@@ -37,7 +37,7 @@ from smbprotocol.exceptions import SMBException, SMBOSError, SMBResponseExceptio
 from smbprotocol.header import NtStatus
 
 from cryoflow.ingest.share.completeness import CHECKED_SUFFIXES, Completeness, Verdict, check_stream
-from cryoflow.ingest.share.scan import IGNORED_NAMES, FileStat, ScanResult, _matcher, safe_relpath
+from cryoflow.ingest.share.scan import FileStat, ScanResult, _matcher, safe_relpath
 from cryoflow.ingest.share.source import (
     SMB_SCHEME,
     HeldForWriting,
@@ -362,7 +362,7 @@ class SmbSource:
         """As :func:`scan_tree`; links and other reparse points are never followed (refused).
         A subfolder that cannot be listed is reported in ``errors``; a share that went away
         raises :class:`ShareOffline` (never a partial listing)."""
-        ignored = _matcher(tuple(exclude)).in_walk
+        skips = _matcher(tuple(exclude)).skips
         result = ScanResult()
         stack = [""]
         while stack:
@@ -375,11 +375,8 @@ class SmbSource:
                 result.errors.append(f"{prefix.rstrip('/') or '.'}: {exc.strerror or exc}")
                 continue
             for entry in entries:
-                name = entry.name
-                if name.startswith(".") or name in IGNORED_NAMES:
-                    continue
-                rel = prefix + name
-                if ignored(name, rel):
+                rel = prefix + entry.name
+                if skips(entry.name, rel):
                     continue
                 info = entry.smb_info
                 if info.file_attributes & FILE_ATTRIBUTE_REPARSE_POINT:
