@@ -5,6 +5,8 @@ Prints figures; it is not a test. One run measures, on the SAME source files:
 - a read-only pass (a Python ``readinto`` loop with the product's 8 MiB buffer, one thread:
   what just reading the sources costs),
 - ``cp -a`` and ``rsync -a`` of the folder,
+- ``cp -a``, then its copy read back from the storage (pages dropped after the flush): the least
+  that any copy verified at its destination costs,
 - the product's copy path, :func:`cryoflow.session.transfer_batch` (xxh3-128 in the copy pass,
   fsync, chmod, read-back verification after ``POSIX_FADV_DONTNEED``, no-clobber rename, ledger
   rows), with one stream and with a pool (``--streams``, plus the configured default),
@@ -386,12 +388,29 @@ def throughput(site: Site, work: Path, fs: FileSet, streams_list: list[int]) -> 
         subprocess.run(["rsync", "-a", f"{src}/", f"{work / 'rsync'}/"], check=True)
         return ""
 
+    def cp_read_back() -> str:
+        """What any copy verified at its destination must do at least: cp, the flush, and one
+        read of the copy from the storage (its cached pages dropped)."""
+        subprocess.run(["cp", "-a", str(src), str(work / "cpv")], check=True)
+        os.sync()
+        copies = [work / "cpv" / rel for rel in fs.rels]
+        for path in copies:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+        read_files(copies)
+        return "the verification's floor"
+
     table.rows.append(measure("read-only pass (Python readinto)", read, cold))
     table.rows.append(measure("cp -a", cp, cold))
     shutil.rmtree(work / "cp")
     if shutil.which("rsync"):
         table.rows.append(measure("rsync -a", rsync, cold))
         shutil.rmtree(work / "rsync")
+    table.rows.append(measure("cp -a, sync, copy read back from storage", cp_read_back, cold))
+    shutil.rmtree(work / "cpv")
     for streams in streams_list:
         label, run, dest = cryoflow_copy(site, fs, streams)
         table.rows.append(measure(label, run, cold, streams))
