@@ -107,21 +107,24 @@ BLOB_THRESHOLDS = (0.01, 0.02, 0.03, 0.05, 0.07, 0.1, 0.15, 0.2, 0.3, 0.4, 0.6, 
 
 
 def make(name: str, shape: tuple[int, int], seed: int):
-    """One micrograph of a category (``synthetic.make_micrograph``'s steps, so that the same
-    seed gives the same micrograph) and its noise-free fractional contrast image."""
+    """One micrograph of a category, its truth and its noise-free fractional contrast image."""
     dis, contrast, n = CATEGORIES[name]
     f = shape[0] * shape[1] / 4096**2
     n = max(4, int(n * f))
     if dis is not None and f < 1:  # the same crowding on a smaller micrograph
         counts = ("carbon_particles", "n_ethane", "n_aggregates", "n_junk")
         dis = dataclasses.replace(dis, **{c: int(math.ceil(getattr(dis, c) * f)) for c in counts})
-    rng = np.random.default_rng(seed)
-    dens, truth = syn.make_specimen(
-        shape, APIX, rng=rng, distractors=dis, diameter_A=DIAM_A, n_particles=n
+    return syn.make_micrograph_with_contrast(
+        shape,
+        APIX,
+        CTF,
+        dose_total=DOSE,
+        contrast=contrast,
+        rng=np.random.default_rng(seed),
+        diameter_A=DIAM_A,
+        n_particles=n,
+        distractors=dis,
     )
-    clean = syn.specimen_contrast(dens, truth, CTF, contrast=contrast, distractors=dis, rng=rng)
-    image = rng.poisson(np.clip(1.0 + clean, 0.0, None) * DOSE).astype(np.float32)
-    return image, truth, clean
 
 
 def truth_xy(truth: syn.SpecimenTruth) -> np.ndarray:

@@ -228,13 +228,12 @@ def scan_tree(root: Path, exclude: Iterable[str] = ()) -> ScanResult:
         directory, prefix = stack.pop()
         try:  # the session folder itself may be a link (to another disk, say)
             fd = os.open(directory, _DIR_FLAGS if prefix else _DIR_FLAGS & ~os.O_NOFOLLOW)
+            try:
+                entries = list(os.scandir(fd))  # exhausting it closes it (a duplicate of fd)
+            except OSError:
+                os.close(fd)
+                raise
         except OSError as exc:
-            errors.append(f"{prefix.rstrip('/') or '.'}: {_why(exc)}")
-            continue
-        try:
-            entries = list(os.scandir(fd))  # exhausting it closes it (a duplicate of fd)
-        except OSError as exc:
-            os.close(fd)
             errors.append(f"{prefix.rstrip('/') or '.'}: {_why(exc)}")
             continue
         try:

@@ -54,6 +54,7 @@ __all__ = [
     "main",
     "make_gain",
     "make_micrograph",
+    "make_micrograph_with_contrast",
     "make_movie",
     "make_specimen",
     "particle_contrast",
@@ -608,6 +609,20 @@ def make_micrograph(
     shape: tuple[int, int],
     pixel_size_A: float,
     ctf: CTFParams,
+    **kwargs: Any,
+) -> tuple[np.ndarray, SpecimenTruth]:
+    """One noisy, aligned micrograph (float32 counts) of a fresh specimen: for CTF/picking tests.
+
+    The counts and truth of :func:`make_micrograph_with_contrast` (same arguments).
+    """
+    counts, truth, _ = make_micrograph_with_contrast(shape, pixel_size_A, ctf, **kwargs)
+    return counts, truth
+
+
+def make_micrograph_with_contrast(
+    shape: tuple[int, int],
+    pixel_size_A: float,
+    ctf: CTFParams,
     *,
     dose_total: float = 40.0,
     contrast: float = 0.1,
@@ -615,8 +630,9 @@ def make_micrograph(
     rng: np.random.Generator | None = None,
     distractors: Distractors | None = None,
     **specimen_kwargs: Any,
-) -> tuple[np.ndarray, SpecimenTruth]:
-    """One noisy, aligned micrograph (float32 counts) of a fresh specimen: for CTF/picking tests.
+) -> tuple[np.ndarray, SpecimenTruth, np.ndarray]:
+    """A micrograph's counts, truth and noise-free fractional contrast image (to state how
+    faint a benchmark's micrographs are).
 
     ``contrast`` scales the CTF-filtered density (whose particle peak is ~1) into fractional
     intensity; counts are Poisson at ``dose_total`` e/px. ``specimen_kwargs`` go to
@@ -632,7 +648,7 @@ def make_micrograph(
         dens, truth, ctf, contrast=contrast, b_factor=b_factor, distractors=distractors, rng=rng
     )
     lam = np.clip(1.0 + img, 0.0, None) * dose_total
-    return rng.poisson(lam).astype(np.float32), truth
+    return rng.poisson(lam).astype(np.float32), truth, img
 
 
 def specimen_contrast(
